@@ -1,0 +1,56 @@
+"""Shared fixtures: the ComfyUI host (found, never faked) and a count of the host tests that really ran."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_comfyui() -> tuple[Path | None, str]:
+    """COMFYUI_PATH, else the grandparent when the pack sits in ComfyUI/custom_nodes/, else ~/comfy/ComfyUI."""
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(("COMFYUI_PATH", Path(os.environ["COMFYUI_PATH"])))
+    if PACK_ROOT.parent.name == "custom_nodes":
+        candidates.append(("custom_nodes parent", PACK_ROOT.parent.parent))
+    candidates.append(("~/comfy/ComfyUI", Path.home() / "comfy" / "ComfyUI"))
+    tried = []
+    for source, path in candidates:
+        if (path / "comfy" / "model_patcher.py").is_file() and (path / "nodes.py").is_file():
+            return path.resolve(), f"{source}: {path}"
+        tried.append(f"{source} ({path})")
+    return None, "ComfyUI checkout not found; looked at " + ", ".join(tried)
+
+
+COMFYUI_PATH, COMFYUI_WHERE = find_comfyui()
+_host_results: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": []}
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    if COMFYUI_PATH is None:
+        pytest.skip(f"HOST TEST SKIPPED: {COMFYUI_WHERE}. Set COMFYUI_PATH to run it.")
+    if str(COMFYUI_PATH) not in sys.path:
+        sys.path.insert(0, str(COMFYUI_PATH))
+    return COMFYUI_PATH
+
+
+def pytest_runtest_logreport(report):
+    if "host" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _host_results[report.outcome].append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    ran = len(_host_results["passed"]) + len(_host_results["failed"])
+    skipped = len(_host_results["skipped"])
+    where = COMFYUI_WHERE if COMFYUI_PATH else f"not found ({COMFYUI_WHERE})"
+    terminalreporter.write_sep("=", f"ComfyUI host tests: {ran} ran, {skipped} skipped; host {where}")
+    if skipped:
+        terminalreporter.write_line("A skipped host test is not a pass: the nodes were not checked inside ComfyUI.")

@@ -1,0 +1,116 @@
+"""Test-side builders: reference models with random weights, and checkpoint files in the real formats.
+
+The converters here are written independently of zimage/checkpoint.py on purpose: a test that used the
+engine's own mapping to write its inputs could not catch a mistake in that mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from zimage import ZImageConfig
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random (norm weights around 1, pad tokens included), so that no term can hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif p.ndim >= 2 and "pad_token" not in name:
+                p.copy_(noise * (0.8 / p.shape[-1] ** 0.5))
+            else:
+                p.copy_(0.3 * noise)
+    return module
+
+
+def diffusers_reference(cfg: ZImageConfig, seed: int = 0):
+    """diffusers' ZImageTransformer2DModel with cfg's shape and random weights (float32, eval)."""
+    from diffusers import ZImageTransformer2DModel
+
+    assert cfg.ffn_hidden == int(cfg.dim / 3 * 8) and cfg.t_embed_dim == min(cfg.dim, 256) and cfg.t_embed_mid == 1024
+    model = ZImageTransformer2DModel(
+        all_patch_size=(cfg.patch_size,), all_f_patch_size=(1,), in_channels=cfg.in_channels, dim=cfg.dim,
+        n_layers=cfg.n_layers, n_refiner_layers=cfg.n_refiner_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
+        norm_eps=cfg.norm_eps, qk_norm=True, cap_feat_dim=cfg.cap_feat_dim, rope_theta=cfg.rope_theta,
+        t_scale=cfg.t_scale, axes_dims=list(cfg.rope_axes), axes_lens=[1536, 512, 512])
+    return randomize_(model, seed).eval()
+
+
+def diffusers_velocity(model, latents, sigma, captions) -> torch.Tensor:
+    """The flow velocity from diffusers' transformer: it takes t = 1 - sigma and its output is negated."""
+    out = model(list(latents.unsqueeze(2).unbind(0)), 1 - sigma, list(captions), return_dict=False)[0]
+    return -torch.stack(out).squeeze(2)
+
+
+# --- diffusers names -> ComfyUI single-file names (fused qkv) --------------------------------------------
+
+def diffusers_to_comfy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q." in key:
+            k, v = key.replace("to_q", "to_k"), key.replace("to_q", "to_v")
+            out[key.replace("attention.to_q", "attention.qkv")] = torch.cat((value, sd[k], sd[v]))
+            continue
+        new = (key.replace("all_x_embedder.2-1.", "x_embedder.").replace("all_final_layer.2-1.", "final_layer.")
+               .replace("attention.to_out.0.", "attention.out.").replace("attention.norm_q.", "attention.q_norm.")
+               .replace("attention.norm_k.", "attention.k_norm."))
+        out[new] = value
+    return out
+
+
+def save_comfy_file(sd_diffusers, path, dtype=torch.bfloat16, prefix=""):
+    sd = {prefix + k: v.to(dtype).contiguous() for k, v in diffusers_to_comfy(sd_diffusers).items()}
+    save_file(sd, path)
+    return path
+
+
+def save_diffusers_folder(sd_diffusers, folder, dtype=torch.float32, shards=3):
+    """A diffusers-style model folder: transformer/ with sharded safetensors and their index json."""
+    tdir = os.path.join(folder, "transformer")
+    os.makedirs(tdir, exist_ok=True)
+    keys = sorted(sd_diffusers)
+    weight_map = {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd_diffusers[k].to(dtype).contiguous() for k in keys[i::shards]}
+        save_file(part, os.path.join(tdir, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(tdir, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(tdir, "config.json"), "w") as f:
+        json.dump({"_class_name": "ZImageTransformer2DModel"}, f)
+    return folder
+
+
+def save_fp8_file(sd_diffusers, path, scaled: bool):
+    """ComfyUI-style fp8 file: 2-D weights of the blocks in e4m3fn, the rest in bf16. With scaled=True each
+    fp8 weight carries a per-tensor `scale_weight` (ComfyUI's scaled-fp8 layout)."""
+    sd = {}
+    for k, v in diffusers_to_comfy(sd_diffusers).items():
+        if v.ndim == 2 and k.split(".")[0] in ("layers", "noise_refiner", "context_refiner"):
+            if scaled:
+                scale = v.abs().max().float() / 448.0
+                sd[k] = (v / scale).to(torch.float8_e4m3fn)
+                sd[k.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+            else:
+                sd[k] = v.to(torch.float8_e4m3fn)
+        else:
+            sd[k] = v.to(torch.bfloat16).contiguous()
+    if scaled:
+        sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(sd, path)
+    return path

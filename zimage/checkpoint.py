@@ -1,0 +1,306 @@
+"""The transformer files users have, read without unpickling and without a second copy in memory.
+
+Formats:
+- ComfyUI single file (z_image_turbo_bf16.safetensors, fp8 variants): fused `attention.qkv`, `attention.out`,
+  `q_norm`/`k_norm`, `feed_forward.w1/w2/w3`; sometimes under a `model.diffusion_model.` prefix.
+- diffusers folder: `transformer/diffusion_pytorch_model-0000N-of-0000M.safetensors` plus its index json,
+  with `attention.to_q/to_k/to_v/to_out.0`, `norm_q/norm_k`, `all_x_embedder.2-1`, `all_final_layer.2-1`.
+
+The engine's own names are ComfyUI's, except that the SwiGLU's w1 and w3 are stacked into `w13`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .config import ZImageConfig
+from .model import S3DiT
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a Z-Image transformer; the message says what it is instead."""
+
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+
+# (pattern, replacement, part index, number of parts): source names -> engine names
+RENAMES = [
+    (re.compile(r"^all_x_embedder\.2-1\."), "x_embedder.", 0, 1),
+    (re.compile(r"^all_final_layer\.2-1\."), "final_layer.", 0, 1),
+    (re.compile(r"\.attention\.to_q\."), ".attention.qkv.", 0, 3),
+    (re.compile(r"\.attention\.to_k\."), ".attention.qkv.", 1, 3),
+    (re.compile(r"\.attention\.to_v\."), ".attention.qkv.", 2, 3),
+    (re.compile(r"\.attention\.to_out\.0\."), ".attention.out.", 0, 1),
+    (re.compile(r"\.attention\.norm_q\."), ".attention.q_norm.", 0, 1),
+    (re.compile(r"\.attention\.norm_k\."), ".attention.k_norm.", 0, 1),
+    (re.compile(r"\.feed_forward\.w1\."), ".feed_forward.w13.", 0, 2),
+    (re.compile(r"\.feed_forward\.w3\."), ".feed_forward.w13.", 1, 2),
+]
+
+# per-tensor companions of fp8 weights in ComfyUI's scaled-fp8 files; folded into the weight on load
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+IGNORED_KEYS = re.compile(r"(^scaled_fp8$|\.scale_input$|\.input_scale$|\.comfy_quant$)")
+
+
+def engine_key(source_key: str) -> tuple[str, int, int]:
+    """Source tensor name (prefix already stripped) -> (engine name, part index, number of parts)."""
+    for pattern, replacement, part, parts in RENAMES:
+        if pattern.search(source_key):
+            return pattern.sub(replacement, source_key, count=1), part, parts
+    return source_key, 0, 1
+
+
+def strip_prefix(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix + "cap_embedder.") for k in keys):
+            return prefix
+    return ""
+
+
+def conversion_plan(keys: Iterable[str]) -> dict[str, list[str]]:
+    """Engine name -> the source names whose tensors are stacked (dim 0) to make it."""
+    keys = list(keys)
+    prefix = strip_prefix(keys)
+    parts: dict[str, dict[int, str]] = defaultdict(dict)
+    counts: dict[str, int] = {}
+    for key in keys:
+        if not key.startswith(prefix) or IGNORED_KEYS.search(key) or key.endswith(SCALE_SUFFIXES):
+            continue
+        name, part, n = engine_key(key[len(prefix):])
+        parts[name][part] = key
+        counts[name] = n
+    plan = {}
+    for name, found in parts.items():
+        if len(found) != counts[name]:
+            raise CheckpointError(f"incomplete checkpoint: {name} needs {counts[name]} parts, found {sorted(found.values())}")
+        plan[name] = [found[i] for i in range(counts[name])]
+    return plan
+
+
+def _dequantize(tensor: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        tensor = tensor.float()
+    return tensor if scale is None else tensor.float() * scale.float()
+
+
+def _scale_key(source_key: str, keys) -> str | None:
+    stem = source_key.removesuffix(".weight")
+    for suffix in SCALE_SUFFIXES:
+        if stem + suffix in keys:
+            return stem + suffix
+    return None
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ComfyUI- or diffusers-format transformer state dict -> the engine's names (fp8 weights dequantized)."""
+    keys = set(state_dict)
+    out = {}
+    for name, sources in conversion_plan(keys).items():
+        tensors = []
+        for s in sources:
+            scale_key = _scale_key(s, keys)
+            tensors.append(_dequantize(state_dict[s], state_dict[scale_key] if scale_key else None))
+        out[name] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading files: the safetensors header is parsed by hand first, so that every refusal can say why.
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass
+class TensorEntry:
+    file: str
+    dtype: str
+    shape: list[int]
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(f"{name} is a pickled PyTorch checkpoint (.ckpt/.pt/.bin). Pickles can run code, so "
+                                  f"comfyui-zimage never opens them: use the .safetensors release of the model.")
+        if head[:4] == b"GGUF":
+            raise CheckpointError(f"{name} is a GGUF file; comfyui-zimage loads .safetensors transformer files.")
+        if len(head) < 8:
+            raise CheckpointError(f"{name} is {size} bytes long: too short to be a safetensors file (truncated download?)")
+        header_len = struct.unpack("<Q", head)[0]
+        if header_len > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{name} is not a safetensors file, or it is truncated: its header claims "
+                                  f"{header_len} bytes but the file holds {size}. Re-download it.")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{name} is not a safetensors file (unreadable header: {e}).") from None
+    header.pop("__metadata__", None)
+    data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(f"{name} is truncated: its tensors need {8 + header_len + data_end} bytes but the file "
+                              f"holds {size} ({100 * size / (8 + header_len + data_end):.0f}%). Re-download it.")
+    return {k: TensorEntry(path, v["dtype"], v["shape"]) for k, v in header.items()}
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a single-file checkpoint or of a diffusers folder (or its transformer/)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} does not exist")
+    folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
+    indexes = [f for f in os.listdir(folder) if f.endswith(".safetensors.index.json")]
+    if indexes:
+        with open(os.path.join(folder, indexes[0])) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise CheckpointError(f"{folder}: the index lists shards that are not there: {', '.join(missing)}")
+        return [os.path.join(folder, f) for f in files]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors files")
+    return [os.path.join(folder, f) for f in files]
+
+
+def describe_foreign(keys: list[str]) -> str:
+    """A guess at what a non-Z-Image file is, from its key names."""
+    joined = "\n".join(keys)
+    guesses = [
+        (r"lora_(A|B|up|down)\b|\.lora\.", "a LoRA: load it with a LoRA loader node, on top of the Z-Image model"),
+        (r"double_blocks\.|single_blocks\.", "a FLUX transformer"),
+        (r"joint_blocks\.", "a Stable Diffusion 3 transformer"),
+        (r"input_blocks\.|conditioner\.embedders|down_blocks\.\d+\.resnets", "a Stable Diffusion / SDXL UNet checkpoint"),
+        (r"(^|\.)embed_tokens\.|self_attn\.q_proj", "a language-model text encoder (put it in models/text_encoders)"),
+        (r"text_model\.|text_projection", "a CLIP text encoder"),
+        (r"(^|\.)(decoder|encoder)\.(conv_in|mid)", "a VAE (put it in models/vae)"),
+        (r"transformer_blocks\.", "a transformer of another model family"),
+    ]
+    for pattern, what in guesses:
+        if re.search(pattern, joined, flags=re.M):
+            return what
+    return "not a Z-Image transformer (first keys: " + ", ".join(sorted(keys)[:4]) + ")"
+
+
+@dataclass
+class CheckpointInfo:
+    files: list[str]
+    format: str  # "comfyui" or "diffusers"
+    variant: str  # "z-image" (Turbo and Base share one layout) or "z-image-omni" (Omni-Base, Edit)
+    stored_dtype: torch.dtype  # dtype of the big matrices as stored
+    config: ZImageConfig
+    plan: dict[str, list[str]]
+    entries: dict[str, TensorEntry]
+
+
+def inspect_checkpoint(path: str) -> CheckpointInfo:
+    """Identify a transformer file or folder from its headers alone: format, variant, config."""
+    files = checkpoint_files(path)
+    entries: dict[str, TensorEntry] = {}
+    for file in files:
+        entries.update(read_safetensors_header(file))
+    keys = list(entries)
+    name = os.path.basename(path.rstrip("/"))
+    if not keys:
+        raise CheckpointError(f"{name} holds no tensors")
+    prefix = strip_prefix(keys)
+    if prefix + "cap_embedder.1.weight" not in entries:
+        raise CheckpointError(f"{name} is {describe_foreign(keys)}, not a Z-Image transformer.")
+    plan = conversion_plan(keys)
+
+    def shape(engine_name):
+        sources = plan.get(engine_name)
+        if not sources:
+            raise CheckpointError(f"{name} is not a complete Z-Image transformer: {engine_name} is missing")
+        return entries[sources[0]].shape
+
+    dim, patch_dim = shape("x_embedder.weight")
+    if dim == 2304:
+        raise CheckpointError(f"{name} is a Lumina Image 2.0 transformer, not Z-Image.")
+    head_dim = shape("layers.0.attention.q_norm.weight")[0]
+    t_mid, n_freqs = shape("t_embedder.mlp.0.weight")
+    cfg = ZImageConfig(
+        dim=dim,
+        n_layers=_count(plan, "layers"),
+        n_refiner_layers=_count(plan, "noise_refiner"),
+        n_heads=dim // head_dim,
+        ffn_hidden=shape("layers.0.feed_forward.w13.weight")[0],
+        in_channels=patch_dim // 4,
+        cap_feat_dim=shape("cap_embedder.1.weight")[1],
+        t_embed_dim=shape("t_embedder.mlp.2.weight")[0],
+        t_embed_mid=t_mid,
+        rope_axes=ZImageConfig.rope_axes_for(head_dim),
+    )
+    if _count(plan, "context_refiner") != cfg.n_refiner_layers:
+        raise CheckpointError(f"{name}: noise and context refiners differ in depth; not a Z-Image transformer")
+    variant = "z-image-omni" if any(k.startswith("siglip_") for k in plan) else "z-image"
+    fmt = "diffusers" if any("to_q" in k or "all_x_embedder" in k for k in keys) else "comfyui"
+    stored = SAFETENSORS_DTYPES.get(entries[plan["layers.0.attention.qkv.weight"][0]].dtype, torch.float32)
+    return CheckpointInfo(files, fmt, variant, stored, cfg, plan, entries)
+
+
+def _count(plan, stack: str) -> int:
+    return len({k.split(".")[1] for k in plan if k.startswith(stack + ".")})
+
+
+def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     attention: str = "auto") -> S3DiT:
+    """Load a Z-Image transformer file or diffusers folder into an S3DiT on `device`.
+
+    dtype None keeps the stored precision (fp8 files load as bfloat16). Tensors are read one at a time
+    from the memory-mapped files and written straight into the model on `device`.
+    """
+    from safetensors import safe_open
+
+    info = inspect_checkpoint(path)
+    if info.variant != "z-image":
+        raise CheckpointError(f"{os.path.basename(path)} is a Z-Image Omni/Edit transformer; editing checkpoints are "
+                              f"not supported by this version of the engine yet.")
+    if dtype is None:
+        dtype = torch.bfloat16 if info.stored_dtype.itemsize == 1 else info.stored_dtype
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = S3DiT(info.config, attention=attention)
+    expected = dict(model.named_parameters())
+    unexpected = sorted(set(info.plan) - set(expected))
+    missing = sorted(set(expected) - set(info.plan))
+    if unexpected or missing:
+        raise CheckpointError(f"{os.path.basename(path)} does not match the detected Z-Image layout: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    handles = {}
+    try:
+        for name, sources in info.plan.items():
+            tensors = []
+            for s in sources:
+                file = info.entries[s].file
+                if file not in handles:
+                    handles[file] = safe_open(file, framework="pt", device="cpu")
+                scale_key = _scale_key(s, info.entries)
+                scale = handles[file].get_tensor(scale_key) if scale_key else None
+                tensors.append(_dequantize(handles[file].get_tensor(s), scale).to(device=device, dtype=dtype))
+            tensor = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+            if tensor.shape != expected[name].shape:
+                raise CheckpointError(f"{name}: shape {list(tensor.shape)} in the file, {list(expected[name].shape)} "
+                                      f"expected for the detected config")
+            module_name, _, param_name = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            setattr(module, param_name, torch.nn.Parameter(tensor, requires_grad=False))
+    finally:
+        handles.clear()
+    return model.eval()

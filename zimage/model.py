@@ -1,0 +1,263 @@
+"""S3-DiT, the single-stream diffusion transformer of Z-Image.
+
+Caption tokens (Qwen3 hidden states) and image tokens (2x2 patches of the FLUX latent) are refined
+separately (context refiner, noise refiner), then concatenated into one sequence that 30 identical
+blocks process together. Blocks that see image tokens are modulated by the timestep (adaLN); the
+final layer maps image tokens back to latent patches.
+
+Convention: forward(latents, sigma, caption_feats) returns the flow velocity v = noise - x0, so an
+Euler step is x_next = x + (sigma_next - sigma) * v, and sigma = 1 is pure noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .attention import Attention
+from .config import ZImageConfig
+from .rope import apply_rope, inverse_frequencies, rope_angles
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with fused q/k/v, per-head RMSNorm on q and k, and RoPE."""
+
+    def __init__(self, cfg: ZImageConfig, attention: Attention):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.attend = attention
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)  # each [B, S, H, D]
+        q = apply_rope(self.q_norm(q), *rope)
+        k = apply_rope(self.k_norm(k), *rope)
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)
+        return self.out(out.transpose(1, 2).flatten(2))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), with w1 and w3 stacked into one matmul (w13)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    """Attention and SwiGLU, each wrapped in a sandwich of RMSNorms; optionally timestep-modulated."""
+
+    def __init__(self, cfg: ZImageConfig, attention: Attention, modulated: bool):
+        super().__init__()
+        self.attention = SelfAttention(cfg, attention)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden)
+        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.modulated = modulated
+        if modulated:
+            # one Linear in a Sequential: the index is part of the released checkpoints' key names
+            self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.t_embed_dim, 4 * cfg.dim))
+
+    def forward(self, x, rope, key_mask, t_emb: torch.Tensor | None = None):
+        if not self.modulated:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_mask))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(t_emb)[:, None].chunk(4, dim=-1)
+        x = x + gate_attn.tanh() * self.attention_norm2(
+            self.attention(self.attention_norm1(x) * (1 + scale_attn), rope, key_mask))
+        return x + gate_ffn.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_ffn)))
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t (256 of them, cos then sin) through a two-layer MLP."""
+
+    n_freqs = 256
+
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(self.n_freqs, cfg.t_embed_mid), nn.SiLU(),
+                                 nn.Linear(cfg.t_embed_mid, cfg.t_embed_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.n_freqs // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(10000.0) / half))
+        angles = t.float()[:, None] * freqs
+        features = torch.cat((angles.cos(), angles.sin()), dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(cfg.dim, cfg.patch_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.t_embed_dim, cfg.dim))
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        scale = 1 + self.adaLN_modulation(t_emb)[:, None]
+        return self.linear(self.norm_final(x) * scale)
+
+
+@dataclass
+class SequenceLayout:
+    """What depends only on the batch's shapes: positions (as RoPE cos/sin) and attention masks."""
+
+    image_rope: tuple[torch.Tensor, torch.Tensor]
+    caption_rope: tuple[torch.Tensor, torch.Tensor]
+    unified_rope: tuple[torch.Tensor, torch.Tensor]
+    caption_mask: torch.Tensor | None  # [B, 1, 1, S] keys to attend; None when every sample is full length
+    unified_mask: torch.Tensor | None
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class S3DiT(nn.Module):
+    def __init__(self, cfg: ZImageConfig, attention: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.attention = Attention(attention)
+        self.x_embedder = nn.Linear(cfg.patch_dim, cfg.dim)
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim))
+        self.t_embedder = TimestepEmbedder(cfg)
+        self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.noise_refiner = nn.ModuleList(
+            TransformerBlock(cfg, self.attention, modulated=True) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(
+            TransformerBlock(cfg, self.attention, modulated=False) for _ in range(cfg.n_refiner_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, self.attention, modulated=True) for _ in range(cfg.n_layers))
+        self.final_layer = FinalLayer(cfg)
+        self.inv_freqs = inverse_frequencies(cfg.rope_axes, cfg.rope_theta)
+        self._layout_key = None
+        self._layout = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.weight.device
+
+    def forward(self, latents: torch.Tensor, sigma: torch.Tensor, caption_feats: list[torch.Tensor]) -> torch.Tensor:
+        """latents [B, C, H, W], sigma [B] (1 = pure noise), caption_feats B tensors [L_i, cap_feat_dim]
+        -> velocity [B, C, H, W] in the model's dtype."""
+        cfg = self.cfg
+        batch, channels, height, width = latents.shape
+        self._check_inputs(latents, sigma, caption_feats)
+        p = cfg.patch_size
+        rows, cols = height // p, width // p
+        n_image = rows * cols
+        caption_lens = [len(c) for c in caption_feats]
+        layout = self._sequence_layout(batch, rows, cols, caption_lens, latents.device)
+
+        t_emb = self.t_embedder((1 - sigma) * cfg.t_scale)
+
+        # image stream: patches -> tokens, padded with the learned pad token
+        image = self.x_embedder(rearrange(latents.to(self.dtype), "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p))
+        n_image_pad = round_up(n_image, cfg.seq_multiple) - n_image
+        if n_image_pad:
+            image = torch.cat((image, self.x_pad_token.expand(batch, n_image_pad, -1)), dim=1)
+        for block in self.noise_refiner:
+            image = block(image, layout.image_rope, None, t_emb)
+
+        # caption stream: each caption padded to its own multiple of 32, the batch to the longest
+        caption_tokens = self.cap_embedder(torch.cat(caption_feats).to(self.dtype))
+        caption_len = layout.caption_rope[0].shape[1]
+        caption = self.cap_pad_token.expand(batch, caption_len, -1).clone()
+        for i, part in enumerate(caption_tokens.split(caption_lens)):
+            caption[i, : len(part)] = part
+        for block in self.context_refiner:
+            caption = block(caption, layout.caption_rope, layout.caption_mask)
+
+        # one stream: [image, caption]; a sample's keys end where its own caption padding ends
+        x = torch.cat((image, caption), dim=1)
+        for block in self.layers:
+            x = block(x, layout.unified_rope, layout.unified_mask, t_emb)
+
+        out = self.final_layer(x[:, :n_image], t_emb)
+        out = rearrange(out, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=rows, ph=p, pw=p)
+        # the network is trained to predict x0 - noise (it is fed t = 1 - sigma); v is its negation
+        return -out
+
+    def _check_inputs(self, latents, sigma, caption_feats):
+        cfg = self.cfg
+        if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
+            raise ValueError(f"latents must be [B, {cfg.in_channels}, H, W], got {list(latents.shape)}")
+        if latents.shape[2] % cfg.patch_size or latents.shape[3] % cfg.patch_size:
+            raise ValueError(f"latent height and width must be multiples of {cfg.patch_size} (images multiples "
+                             f"of {8 * cfg.patch_size} pixels), got {latents.shape[2]}x{latents.shape[3]}")
+        if sigma.shape != (latents.shape[0],):
+            raise ValueError(f"sigma must have shape [{latents.shape[0]}], got {list(sigma.shape)}")
+        if len(caption_feats) != latents.shape[0]:
+            raise ValueError(f"{len(caption_feats)} captions for a batch of {latents.shape[0]} latents")
+        for c in caption_feats:
+            if c.ndim != 2 or c.shape[1] != cfg.cap_feat_dim or len(c) == 0:
+                raise ValueError(f"each caption must be [L > 0, {cfg.cap_feat_dim}], got {list(c.shape)}")
+
+    def _sequence_layout(self, batch: int, rows: int, cols: int, caption_lens: list[int], device) -> SequenceLayout:
+        # The sampler calls forward with the same shapes every step: build positions and masks once.
+        key = (batch, rows, cols, tuple(caption_lens), device)
+        if key != self._layout_key:
+            self._layout = self._build_layout(rows, cols, caption_lens, torch.device(device))
+            self._layout_key = key
+        return self._layout
+
+    def _build_layout(self, rows: int, cols: int, caption_lens: list[int], device: torch.device) -> SequenceLayout:
+        m = self.cfg.seq_multiple
+        batch = len(caption_lens)
+        padded_caps = torch.tensor([round_up(n, m) for n in caption_lens])
+        caption_len = int(padded_caps.max())
+        n_image = rows * cols
+        image_len = round_up(n_image, m)
+
+        # captions sit at (1 + k, 0, 0), pad tokens included; image patches at (caption end + 1, row, col);
+        # image pad tokens at (0, 0, 0)
+        caption_pos = torch.zeros(caption_len, 3)
+        caption_pos[:, 0] = torch.arange(1, caption_len + 1)
+        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1).flatten(0, 1)
+        image_pos = torch.zeros(batch, image_len, 3)
+        image_pos[:, :n_image, 0] = (padded_caps + 1)[:, None].float()
+        image_pos[:, :n_image, 1:] = grid.float()
+
+        def rope(pos):
+            cos, sin = rope_angles(pos.to(device), self.inv_freqs)
+            return cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+
+        image_rope = rope(image_pos)
+        caption_rope = rope(caption_pos.expand(batch, -1, -1))
+        unified_rope = tuple(torch.cat((a, b), dim=1) for a, b in zip(image_rope, caption_rope))
+
+        caption_mask = unified_mask = None
+        if len(set(padded_caps.tolist())) > 1:
+            keys = torch.arange(caption_len)[None] < padded_caps[:, None]
+            caption_mask = keys[:, None, None].to(device)
+            unified_mask = torch.cat((torch.ones(batch, image_len, dtype=torch.bool), keys), dim=1)[:, None, None].to(device)
+        return SequenceLayout(image_rope, caption_rope, unified_rope, caption_mask, unified_mask)

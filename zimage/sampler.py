@@ -1,0 +1,92 @@
+"""Flow-matching sampling: shifted sigma schedule, Euler steps, classifier-free guidance.
+
+x_sigma = sigma * noise + (1 - sigma) * x0, and the model returns v = noise - x0, so each Euler step is
+x <- x + (sigma_next - sigma) * v. Guidance follows the official Z-Image pipelines:
+    v = v_pos + guidance * (v_pos - v_neg)        (guidance 0: no negative pass; ComfyUI's cfg = guidance + 1)
+    cfg_normalization k > 0: |v| is capped at k * |v_pos| per sample
+    cfg_truncation c: guidance is switched off once 1 - sigma > c
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .model import S3DiT
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, predicted x0, x after the step)
+
+
+def flow_sigmas(steps: int, shift: float, denoise: float = 1.0) -> list[float]:
+    """steps + 1 sigmas ending at 0: shift * t / (1 + (shift - 1) * t) on an even grid of t from 1 to 0.
+
+    `steps` is the number of model evaluations (doubled when guidance is on). With denoise < 1 the grid is
+    laid out for steps / denoise steps and only its last `steps` are run, as ComfyUI's KSampler does.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    if shift <= 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    t = torch.linspace(1.0, 0.0, total + 1, dtype=torch.float64)
+    sigmas = shift * t / (1 + (shift - 1) * t)
+    return sigmas[-(steps + 1):].tolist()
+
+
+def make_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Gaussian noise from a CPU generator: the same numbers whatever device samples (and the same as
+    ComfyUI's KSampler draws for that seed and latent shape)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+
+
+@torch.no_grad()
+def sample(
+    model: S3DiT,
+    noise: torch.Tensor,
+    sigmas: list[float],
+    positive: list[torch.Tensor],
+    negative: list[torch.Tensor] | None = None,
+    guidance: float = 0.0,
+    cfg_normalization: float = 0.0,
+    cfg_truncation: float = 1.0,
+    latent: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Integrate from sigmas[0] to sigmas[-1] and return the final latents (float32, on the model's device).
+
+    noise, latent: [B, C, H, W]; latent is the clean starting image for img2img (None: empty).
+    positive, negative: B caption feature tensors each, [L_i, cap_feat_dim].
+    """
+    if guidance > 0 and negative is None:
+        raise ValueError("guidance > 0 needs negative captions (an empty prompt's are the usual choice)")
+    if len(positive) != noise.shape[0] or (negative is not None and len(negative) != noise.shape[0]):
+        raise ValueError(f"need {noise.shape[0]} captions per side for a batch of {noise.shape[0]}")
+    device = model.device
+    batch = noise.shape[0]
+    x = noise.to(device=device, dtype=torch.float32) * sigmas[0]
+    if latent is not None and sigmas[0] < 1.0:
+        x = x + (1.0 - sigmas[0]) * latent.to(device=device, dtype=torch.float32)
+    positive = [c.to(device) for c in positive]
+    both = positive + [c.to(device) for c in negative] if negative is not None else None
+
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        guided = guidance > 0 and (1.0 - sigma) <= cfg_truncation
+        if guided:
+            v_pos, v_neg = model(torch.cat((x, x)), torch.full((2 * batch,), sigma, device=device), both).float().chunk(2)
+            v = v_pos + guidance * (v_pos - v_neg)
+            if cfg_normalization > 0:
+                dims = tuple(range(1, v.ndim))
+                limit = cfg_normalization * torch.linalg.vector_norm(v_pos, dim=dims, keepdim=True)
+                v = v * (limit / torch.linalg.vector_norm(v, dim=dims, keepdim=True)).clamp(max=1.0)
+        else:
+            v = model(x, torch.full((batch,), sigma, device=device), positive).float()
+        if callback is not None:
+            x0 = x - sigma * v
+        x = x + (sigma_next - sigma) * v
+        if callback is not None:
+            callback(i, x0, x)
+    return x
