@@ -4,13 +4,14 @@ The whole public API:
     ZImageConfig, S3DiT                  the transformer and its shape
     load_transformer, inspect_checkpoint the files users have (ComfyUI single file, diffusers folder, fp8)
     convert_state_dict, CheckpointError  key mapping, and the error every refused file raises
-    flow_sigmas, make_noise, sample      the flow-matching sampler
+    flow_sigmas, make_noise, sample,     the flow-matching sampler and
+    PRESETS                              its Turbo and Base settings
 """
 
 from .checkpoint import CheckpointError, convert_state_dict, inspect_checkpoint, load_transformer
 from .config import ZImageConfig
 from .model import S3DiT
-from .sampler import flow_sigmas, make_noise, sample
+from .sampler import PRESETS, flow_sigmas, make_noise, sample
 
 __all__ = ["ZImageConfig", "S3DiT", "load_transformer", "inspect_checkpoint", "convert_state_dict",
-           "CheckpointError", "flow_sigmas", "make_noise", "sample"]
+           "CheckpointError", "flow_sigmas", "make_noise", "sample", "PRESETS"]
