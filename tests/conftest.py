@@ -37,6 +37,11 @@ def comfyui_path() -> Path:
         pytest.skip(f"HOST TEST SKIPPED: {COMFYUI_WHERE}. Set COMFYUI_PATH to run it.")
     if str(COMFYUI_PATH) not in sys.path:
         sys.path.insert(0, str(COMFYUI_PATH))
+    import torch
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True  # what `main.py --cpu` sets; read when comfy.model_management is imported
     return COMFYUI_PATH
 
 

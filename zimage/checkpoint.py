@@ -6,7 +6,8 @@ Formats:
 - diffusers folder: `transformer/diffusion_pytorch_model-0000N-of-0000M.safetensors` plus its index json,
   with `attention.to_q/to_k/to_v/to_out.0`, `norm_q/norm_k`, `all_x_embedder.2-1`, `all_final_layer.2-1`.
 
-The engine's own names are ComfyUI's, except that the SwiGLU's w1 and w3 are stacked into `w13`.
+The engine's own names are ComfyUI's, so a ComfyUI file needs no renaming and LoRA keys written for
+ComfyUI address the engine's weights directly.
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ RENAMES = [
     (re.compile(r"\.attention\.to_out\.0\."), ".attention.out.", 0, 1),
     (re.compile(r"\.attention\.norm_q\."), ".attention.q_norm.", 0, 1),
     (re.compile(r"\.attention\.norm_k\."), ".attention.k_norm.", 0, 1),
-    (re.compile(r"\.feed_forward\.w1\."), ".feed_forward.w13.", 0, 2),
-    (re.compile(r"\.feed_forward\.w3\."), ".feed_forward.w13.", 1, 2),
 ]
 
 # per-tensor companions of fp8 weights in ComfyUI's scaled-fp8 files; folded into the weight on load
@@ -132,15 +131,19 @@ def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
     name = os.path.basename(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(f"{name} is a pickled PyTorch checkpoint (.ckpt/.pt/.bin). Pickles can run code, so "
-                                  f"comfyui-zimage never opens them: use the .safetensors release of the model.")
-        if head[:4] == b"GGUF":
-            raise CheckpointError(f"{name} is a GGUF file; comfyui-zimage loads .safetensors transformer files.")
-        if len(head) < 8:
+        head = f.read(9)
+        # A safetensors file starts with its header's length, whose low byte can be anything (0x80, "PK", ...),
+        # then the header's "{": the magic numbers of other formats only count when that "{" is absent.
+        if head[8:9] != b"{":
+            if head[:2] == b"PK" or head[:1] == b"\x80":
+                raise CheckpointError(f"{name} is a pickled PyTorch checkpoint (.ckpt/.pt/.bin). Pickles can run code, "
+                                      f"so comfyui-zimage never opens them: use the .safetensors release of the model.")
+            if head[:4] == b"GGUF":
+                raise CheckpointError(f"{name} is a GGUF file; comfyui-zimage loads .safetensors transformer files.")
+        if len(head) < 9:
             raise CheckpointError(f"{name} is {size} bytes long: too short to be a safetensors file (truncated download?)")
-        header_len = struct.unpack("<Q", head)[0]
+        header_len = struct.unpack("<Q", head[:8])[0]
+        f.seek(8)
         if header_len > min(size - 8, 100 * 2**20):
             raise CheckpointError(f"{name} is not a safetensors file, or it is truncated: its header claims "
                                   f"{header_len} bytes but the file holds {size}. Re-download it.")
@@ -239,7 +242,7 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
         n_layers=_count(plan, "layers"),
         n_refiner_layers=_count(plan, "noise_refiner"),
         n_heads=dim // head_dim,
-        ffn_hidden=shape("layers.0.feed_forward.w13.weight")[0],
+        ffn_hidden=shape("layers.0.feed_forward.w1.weight")[0],
         in_channels=patch_dim // 4,
         cap_feat_dim=shape("cap_embedder.1.weight")[1],
         t_embed_dim=shape("t_embedder.mlp.2.weight")[0],

@@ -55,16 +55,18 @@ class SelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), with w1 and w3 stacked into one matmul (w13)."""
+    """w2(silu(w1 x) * w3 x)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        # w1 and w3 stay separate (not one stacked matmul): these are the names LoRAs and ComfyUI's
+        # model patcher address, and at this size two GEMMs run as fast as one
+        self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
