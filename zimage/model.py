@@ -186,14 +186,15 @@ class S3DiT(nn.Module):
         image = self.x_embedder(rearrange(latents.to(self.dtype), "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p))
         n_image_pad = round_up(n_image, cfg.seq_multiple) - n_image
         if n_image_pad:
-            image = torch.cat((image, self.x_pad_token.expand(batch, n_image_pad, -1)), dim=1)
+            # .to(image): a host's partial offloading may leave the root's pad tokens on another device
+            image = torch.cat((image, self.x_pad_token.to(image).expand(batch, n_image_pad, -1)), dim=1)
         for block in self.noise_refiner:
             image = block(image, layout.image_rope, None, t_emb)
 
         # caption stream: each caption padded to its own multiple of 32, the batch to the longest
         caption_tokens = self.cap_embedder(torch.cat(caption_feats).to(self.dtype))
         caption_len = layout.caption_rope[0].shape[1]
-        caption = self.cap_pad_token.expand(batch, caption_len, -1).clone()
+        caption = self.cap_pad_token.to(caption_tokens).expand(batch, caption_len, -1).clone()
         for i, part in enumerate(caption_tokens.split(caption_lens)):
             caption[i, : len(part)] = part
         for block in self.context_refiner:

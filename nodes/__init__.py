@@ -1,0 +1,26 @@
+"""ComfyUI adapters for the zimage engine."""
+
+from .edit import ZImageEdit
+from .latent import ZImageLatent
+from .loader import ZImageLoader
+from .lora import ZImageLoraLoader
+from .sampler import ZImageSampler
+from .text_encode import ZImageTextEncode
+
+NODE_CLASS_MAPPINGS = {
+    "ZImageLoader": ZImageLoader,
+    "ZImageLoraLoader": ZImageLoraLoader,
+    "ZImageTextEncode": ZImageTextEncode,
+    "ZImageLatent": ZImageLatent,
+    "ZImageSampler": ZImageSampler,
+    "ZImageEdit": ZImageEdit,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ZImageLoader": "Z-Image/Loader",
+    "ZImageLoraLoader": "Z-Image/LoRA Loader",
+    "ZImageTextEncode": "Z-Image/Text Encode",
+    "ZImageLatent": "Z-Image/Empty Latent",
+    "ZImageSampler": "Z-Image/Sampler",
+    "ZImageEdit": "Z-Image/Edit",
+}

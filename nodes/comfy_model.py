@@ -1,0 +1,94 @@
+"""The engine's transformer as a ComfyUI model: model management, LoRA patching and native samplers apply.
+
+ComfyUI manages a model through a ModelPatcher around a `comfy.model_base.BaseModel`. ZImageModel is a
+BaseModel of ComfyUI's Lumina2/Z-Image family whose `diffusion_model` is the engine's S3DiT. Because the
+engine's weight names are ComfyUI's own, ComfyUI's Z-Image LoRA key map, weight patching and lowvram
+offloading address it exactly as they address the native model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.supported_models
+
+from ..zimage import S3DiT
+from ..zimage.model import RMSNorm
+
+
+class ZImageModel(comfy.model_base.Lumina2):
+    def __init__(self, model_config, transformer: S3DiT, device=None):
+        super().__init__(model_config, device=device)  # unet_config disables ComfyUI's own NextDiT
+        self.diffusion_model = transformer
+
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        # t is sigma here; the engine takes sigma itself, whatever timestep scaling a sampling patch sets
+        sigma = t
+        captions = caption_features(c_crossattn, kwargs.get("attention_mask"))
+        v = self.diffusion_model(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions)
+        return self.model_sampling.calculate_denoised(sigma, v.float(), x)
+
+
+def caption_features(context: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """ComfyUI conditioning [B, L, D] (+ mask [B, L]) -> the engine's list of unpadded [L_i, D] captions."""
+    if attention_mask is None:
+        return list(context.unbind(0))
+    mask = attention_mask.to(device=context.device, dtype=torch.bool)
+    return [c[m] for c, m in zip(context, mask)]
+
+
+def _adopt_comfy_ops(module: torch.nn.Module, ops) -> None:
+    """Swap each Linear and RMSNorm for ComfyUI's castable equivalent, sharing the same parameters, so that
+    lowvram partial loading and fp8 storage (cast per layer at use) work as they do for native models."""
+    for name, child in list(module.named_children()):
+        if type(child) is torch.nn.Linear:
+            new = ops.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            new.weight, new.bias = child.weight, child.bias
+        elif type(child) is RMSNorm:
+            new = ops.RMSNorm(child.weight.shape[0], eps=child.eps, elementwise_affine=True, device="meta")
+            new.weight = child.weight
+        else:
+            _adopt_comfy_ops(child, ops)
+            continue
+        setattr(module, name, new)
+
+
+def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
+    """Hand a loaded S3DiT (on the offload device, in its compute dtype) to ComfyUI's model management.
+
+    storage_dtype float8_e4m3fn keeps the blocks' matrices in fp8 and casts each to the compute dtype as it
+    is used (ComfyUI's manual cast), halving their memory.
+    """
+    cfg = transformer.cfg
+    compute_dtype = transformer.dtype
+    manual_cast = None
+    if storage_dtype is not None and storage_dtype != compute_dtype:
+        manual_cast = compute_dtype
+        for name, module in transformer.named_modules():
+            if type(module) is torch.nn.Linear and name.split(".")[0] in ("layers", "noise_refiner", "context_refiner"):
+                module.weight = torch.nn.Parameter(module.weight.data.to(storage_dtype), requires_grad=False)
+    ops = comfy.ops.pick_operations(storage_dtype or compute_dtype, manual_cast)
+    _adopt_comfy_ops(transformer, ops)
+
+    unet_config = {"image_model": "lumina2", "disable_unet_model_creation": True, "dim": cfg.dim,
+                   "n_layers": cfg.n_layers, "n_refiner_layers": cfg.n_refiner_layers, "n_heads": cfg.n_heads,
+                   "cap_feat_dim": cfg.cap_feat_dim}
+    model_config = comfy.supported_models.ZImage(unet_config)
+    model_config.set_inference_dtype(storage_dtype or compute_dtype, manual_cast)
+    model = ZImageModel(model_config, transformer, device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def engine_of(model_patcher) -> S3DiT:
+    """The S3DiT inside a MODEL from ZImageLoader, or a clear error for any other MODEL."""
+    inner = getattr(model_patcher, "model", None)
+    if not isinstance(inner, ZImageModel):
+        raise ValueError(f"this node needs a Z-Image model from the ZImageLoader node, got "
+                         f"{type(inner).__name__ if inner is not None else type(model_patcher).__name__}. "
+                         f"For other models use ComfyUI's KSampler.")
+    return inner.diffusion_model

@@ -1,0 +1,67 @@
+"""ZImageLatent: an empty 16-channel latent (ComfyUI's FLUX latent format) for Z-Image."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+
+# about one megapixel, every side a multiple of 16
+ASPECTS = {
+    "custom": None,
+    "1:1 (1024x1024)": (1024, 1024),
+    "4:3 (1152x864)": (1152, 864),
+    "3:4 (864x1152)": (864, 1152),
+    "3:2 (1248x832)": (1248, 832),
+    "2:3 (832x1248)": (832, 1248),
+    "16:9 (1344x768)": (1344, 768),
+    "9:16 (768x1344)": (768, 1344),
+    "21:9 (1536x640)": (1536, 640),
+}
+MIN_SIDE, MAX_SIDE = 256, 4096
+
+
+def size_problem(width: int, height: int) -> str | None:
+    for name, side in (("width", width), ("height", height)):
+        if side % 16:
+            return (f"{name} {side} is not a multiple of 16: Z-Image packs 2x2 latent patches of 8-pixel VAE cells. "
+                    f"Use {side // 16 * 16} or {side // 16 * 16 + 16}.")
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            return f"{name} {side} is outside {MIN_SIDE}..{MAX_SIDE}."
+    return None
+
+
+class ZImageLatent:
+    DESCRIPTION = "An empty latent for Z-Image: 16 channels at 1/8 of the image size, sides multiples of 16."
+    CATEGORY = "Z-Image"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Empty latents to sample into.",)
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": ("INT", {"default": 1024, "min": MIN_SIDE, "max": MAX_SIDE, "step": 16,
+                              "tooltip": "Image width in pixels, a multiple of 16 (used when aspect is custom)."}),
+            "height": ("INT", {"default": 1024, "min": MIN_SIDE, "max": MAX_SIDE, "step": 16,
+                               "tooltip": "Image height in pixels, a multiple of 16 (used when aspect is custom)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+            "aspect": (list(ASPECTS), {"default": "custom", "tooltip":
+                       "A preset size of about one megapixel; custom uses width and height."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, batch_size, aspect):
+        # defining this replaces ComfyUI's own range checks for these inputs, so all of them are made here
+        if aspect not in ASPECTS:
+            return f"unknown aspect {aspect!r}"
+        if not 1 <= batch_size <= 64:
+            return f"batch_size {batch_size} is outside 1..64"
+        if ASPECTS[aspect] is None:
+            return size_problem(width, height) or True
+        return True
+
+    def generate(self, width, height, batch_size, aspect):
+        width, height = ASPECTS[aspect] or (width, height)
+        latent = torch.zeros([batch_size, 16, height // 8, width // 8], device=mm.intermediate_device())
+        return ({"samples": latent},)

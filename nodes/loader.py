@@ -1,0 +1,94 @@
+"""ZImageLoader: a Z-Image transformer file (or diffusers folder) from ComfyUI's diffusion_models list."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+
+from ..zimage import CheckpointError, inspect_checkpoint, load_transformer
+from ..zimage.attention import BACKENDS
+from .comfy_model import comfy_model
+
+WEIGHT_DTYPES = ["default", "bf16", "fp32", "fp8_e4m3fn"]
+
+
+def diffusers_folders() -> list[str]:
+    """Diffusers model folders (or bare transformer folders) inside the diffusion_models folders."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusion_models"):
+        if not os.path.isdir(root):
+            continue
+        for name in sorted(os.listdir(root)):
+            folder = os.path.join(root, name)
+            for inner in (os.path.join(folder, "transformer"), folder):
+                if os.path.isdir(inner) and any(f.endswith(".safetensors.index.json") for f in os.listdir(inner)):
+                    found.append(name + "/")
+                    break
+    return found
+
+
+def model_choices() -> list[str]:
+    return folder_paths.get_filename_list("diffusion_models") + diffusers_folders()
+
+
+def resolve(model_name: str) -> str:
+    """A name from the list -> its path. Names not in ComfyUI's lists are refused (no arbitrary paths)."""
+    if model_name not in model_choices():
+        raise ValueError(f"{model_name!r} is not in ComfyUI's diffusion_models folders; put the file in "
+                         f"ComfyUI/models/diffusion_models/ and refresh.")
+    if model_name.endswith("/"):
+        for root in folder_paths.get_folder_paths("diffusion_models"):
+            path = os.path.join(root, model_name.rstrip("/"))
+            if os.path.isdir(path):
+                return path
+    return folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+
+
+class ZImageLoader:
+    DESCRIPTION = ("Loads a Z-Image transformer (Turbo or Base) onto the standalone S3-DiT engine and hands it to "
+                   "ComfyUI's model management. Use ComfyUI's CLIPLoader (qwen_3_4b, type lumina2) and VAELoader (ae).")
+    CATEGORY = "Z-Image"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The Z-Image transformer, managed by ComfyUI (loading, offload, lowvram, LoRA patches).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (model_choices(), {"tooltip": "A Z-Image transformer from models/diffusion_models: a ComfyUI "
+                                             "single file (bf16, fp16, fp32, fp8) or a diffusers folder."}),
+            "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip":
+                             "default: bf16 where the device supports it (fp8 files stay fp8 in memory); "
+                             "fp8_e4m3fn: the blocks' matrices in fp8, computed in bf16, about half the memory."}),
+            "attention": (list(BACKENDS), {"default": "auto", "tooltip":
+                          "Attention kernel, chosen once at load. auto prefers cuDNN, then flash, then the others."}),
+        }}
+
+    def load(self, model_name, weight_dtype, attention):
+        path = resolve(model_name)
+        try:
+            info = inspect_checkpoint(path)
+        except CheckpointError as e:
+            raise ValueError(f"ZImageLoader: {e}") from None
+        load_device = mm.get_torch_device()
+        compute = mm.unet_dtype(device=load_device, model_params=0, supported_dtypes=[torch.bfloat16, torch.float32])
+        storage = info.stored_dtype if info.stored_dtype.itemsize == 1 else None
+        if weight_dtype == "bf16":
+            compute, storage = torch.bfloat16, None
+        elif weight_dtype == "fp32":
+            compute, storage = torch.float32, None
+        elif weight_dtype == "fp8_e4m3fn":
+            storage = torch.float8_e4m3fn
+        try:
+            transformer = load_transformer(path, device=mm.unet_offload_device(), dtype=compute, attention=attention)
+        except CheckpointError as e:
+            raise ValueError(f"ZImageLoader: {e}") from None
+        logging.info(f"Z-Image: loaded {model_name} ({info.format} format, {info.variant}, stored {info.stored_dtype}) "
+                     f"computing in {compute}" + (f", stored as {storage}" if storage else ""))
+        return (comfy_model(transformer, storage),)

@@ -1,0 +1,117 @@
+"""ZImageSampler: the engine's flow-matching sampler with ComfyUI's progress bar, previews and interruption."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+import latent_preview
+
+from ..zimage import PRESETS, flow_sigmas, make_noise, sample
+from .comfy_model import caption_features, engine_of
+
+PRESET_CHOICES = ["turbo", "base", "custom"]
+
+
+def conditioning_captions(conditioning, batch: int, width: int, what: str) -> list[torch.Tensor]:
+    """CONDITIONING (from ZImageTextEncode or CLIPTextEncode) -> one [L, width] caption per latent in the batch."""
+    if not conditioning:
+        raise ValueError(f"the {what} conditioning is empty")
+    if len(conditioning) != 1:
+        raise ValueError(f"the {what} conditioning holds {len(conditioning)} entries (combined or area conditioning); "
+                         f"ZImageSampler takes one prompt per side. Use KSampler for combined conditioning.")
+    context, extras = conditioning[0]
+    if context.shape[-1] != width:
+        raise ValueError(f"the {what} conditioning is {context.shape[-1]} wide, Z-Image needs {width} (Qwen3-4B). "
+                         f"Encode the prompt with qwen_3_4b.safetensors (CLIPLoader, type lumina2).")
+    captions = caption_features(context, extras.get("attention_mask"))
+    if len(captions) == batch:
+        return captions
+    if len(captions) == 1:
+        return captions * batch
+    raise ValueError(f"the {what} conditioning has {len(captions)} prompts for a batch of {batch} latents")
+
+
+class ZImageSampler:
+    DESCRIPTION = ("Samples Z-Image with the engine's flow-matching Euler sampler. Presets: turbo (the official recipe: "
+                   "8 evaluations, shift 3, no CFG) and base (50 steps, CFG 4 with a negative prompt); custom uses the "
+                   "widgets. Returns a LATENT for ComfyUI's VAEDecode.")
+    CATEGORY = "Z-Image"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent; decode it with VAEDecode and the FLUX VAE.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A Z-Image model from ZImageLoader (LoRAs applied or not)."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt, from ZImageTextEncode or CLIPTextEncode."}),
+                "latent": ("LATENT", {"tooltip": "ZImageLatent for text-to-image, or VAEEncode of an image with "
+                                                 "denoise below 1 for image-to-image."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Noise seed; draws the same noise as KSampler for the same latent."}),
+                "preset": (PRESET_CHOICES, {"default": "turbo", "tooltip":
+                           "turbo: 8 steps, shift 3, cfg 0 (Z-Image-Turbo's official recipe, its 9 sigmas give 8 "
+                           "model evaluations). base: 50 steps, shift 3, cfg 4. custom: the values below. A preset "
+                           "overrides steps, cfg, shift, cfg_normalization and cfg_truncation."}),
+                "steps": ("INT", {"default": 8, "min": 1, "max": 200,
+                                  "tooltip": "Model evaluations (each doubled when cfg > 0). Used with preset custom."}),
+                "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip":
+                        "Guidance as the official pipelines define it: v_pos + cfg * (v_pos - v_neg); 0 turns it off "
+                        "(one pass per step). KSampler's cfg is this + 1. Used with preset custom."}),
+                "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1,
+                                    "tooltip": "Sigma schedule shift; higher spends more steps at high noise. "
+                                               "Used with preset custom."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                            "1 starts from pure noise. Below 1 starts part way from the input latent (image-to-image), "
+                            "running the last steps of a steps/denoise schedule, as KSampler does."}),
+                "cfg_normalization": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
+                                      "0 is off. k > 0 caps the guided prediction's norm at k times the positive "
+                                      "prediction's (the official pipelines' cfg_normalization=True is 1)."}),
+                "cfg_truncation": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                   "1 is off. Below 1, guidance stops once 1 - sigma exceeds this, saving the "
+                                   "negative pass on the last steps."}),
+            },
+            "optional": {
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt; needed when cfg > 0."}),
+            },
+        }
+
+    def sample(self, model, positive, latent, seed, preset, steps, cfg, shift, denoise, cfg_normalization,
+               cfg_truncation, negative=None):
+        transformer = engine_of(model)
+        if preset != "custom":
+            p = PRESETS[preset]
+            steps, cfg, shift = p.steps, p.guidance, p.shift
+            cfg_normalization, cfg_truncation = p.cfg_normalization, p.cfg_truncation
+        samples = latent["samples"]
+        if samples.ndim != 4 or samples.shape[1] != transformer.cfg.in_channels:
+            raise ValueError(f"ZImageSampler: the latent is {list(samples.shape)}; Z-Image needs 16-channel latents "
+                             f"(ZImageLatent, or VAEEncode with the FLUX VAE ae.safetensors).")
+        if samples.shape[2] % 2 or samples.shape[3] % 2:
+            raise ValueError(f"ZImageSampler: the image is {samples.shape[3] * 8}x{samples.shape[2] * 8}; Z-Image needs "
+                             f"sides that are multiples of 16. Resize or crop the image first.")
+        if denoise == 0:
+            return ({**latent, "samples": samples.clone()},)
+        if cfg > 0 and negative is None:
+            raise ValueError("ZImageSampler: cfg > 0 needs the negative input (ZImageTextEncode's negative output; an "
+                             "empty negative prompt is the usual choice).")
+        batch, width = samples.shape[0], transformer.cfg.cap_feat_dim
+        positive_caps = conditioning_captions(positive, batch, width, "positive")
+        negative_caps = conditioning_captions(negative, batch, width, "negative") if cfg > 0 else None
+        sigmas = flow_sigmas(steps, shift, denoise)
+
+        mm.load_models_gpu([model])
+        start = model.model.process_latent_in(samples.float()) if denoise < 1 else None
+        preview = latent_preview.prepare_callback(model, steps)
+
+        def on_step(step, x0, x):
+            preview(step, x0, x, steps)
+            mm.throw_exception_if_processing_interrupted()
+
+        out = sample(transformer, make_noise(seed, tuple(samples.shape)), sigmas, positive_caps, negative_caps,
+                     guidance=cfg, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
+                     latent=start, callback=on_step)
+        out = model.model.process_latent_out(out.to(mm.intermediate_device()))
+        return ({**latent, "samples": out},)

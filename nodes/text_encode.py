@@ -1,0 +1,63 @@
+"""ZImageTextEncode: prompt (+ negative) -> Z-Image conditioning through ComfyUI's Qwen3-4B text encoder."""
+
+from __future__ import annotations
+
+import logging
+
+MAX_TOKENS = 512  # the official pipelines truncate the templated prompt here
+
+TEMPLATES = {
+    # what diffusers builds with Qwen3's chat template (add_generation_prompt, enable_thinking=True) and
+    # what ComfyUI writes by hand: no think block
+    "official": "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+    # the variant some packs use; an explicit choice, never the default
+    "empty think block": "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+}
+
+
+def encode(clip, text: str, template: str) -> tuple[list, str | None]:
+    """CONDITIONING for one prompt, and a warning when it had to be cut to MAX_TOKENS."""
+    tokens = clip.tokenize(text, llama_template=TEMPLATES[template])
+    warning = None
+    for name, batches in tokens.items():
+        if batches and len(batches[0]) > MAX_TOKENS:
+            warning = (f"prompt is {len(batches[0])} tokens with the chat template; Z-Image reads at most "
+                       f"{MAX_TOKENS}, so the rest was cut: {text[:60]!r}...")
+            tokens[name] = [batches[0][:MAX_TOKENS]] + batches[1:]
+    return clip.encode_from_tokens_scheduled(tokens), warning
+
+
+class ZImageTextEncode:
+    DESCRIPTION = ("Encodes a prompt (Chinese or English) and an optional negative prompt with Qwen3-4B in Z-Image's "
+                   "chat template, using the text encoder's second-to-last hidden state. At most 512 tokens are read.")
+    CATEGORY = "Z-Image"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = ("The prompt's conditioning.", "The negative prompt's conditioning (used when cfg > 0).")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP", {"tooltip": "Qwen3-4B from ComfyUI's CLIPLoader (qwen_3_4b.safetensors, type lumina2)."}),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "What to draw."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                           "tooltip": "What to steer away from; only used by the sampler when cfg > 0."}),
+            "template": (list(TEMPLATES), {"default": "official", "tooltip":
+                         "official: the chat template of the released pipelines. 'empty think block' adds an empty "
+                         "<think></think> block after the assistant tag, as some packs do."}),
+        }}
+
+    def encode(self, clip, prompt, negative_prompt, template):
+        if clip is None:
+            raise ValueError("ZImageTextEncode: the clip input is empty; load qwen_3_4b.safetensors with ComfyUI's "
+                             "CLIPLoader (type lumina2).")
+        if getattr(clip.tokenizer, "clip_name", None) != "qwen3_4b":
+            raise ValueError("ZImageTextEncode: this CLIP is not Qwen3-4B. Load qwen_3_4b.safetensors with CLIPLoader "
+                             "and type lumina2.")
+        positive, w1 = encode(clip, prompt, template)
+        negative, w2 = encode(clip, negative_prompt, template)
+        warnings = [w for w in (w1, w2) if w]
+        for w in warnings:
+            logging.warning("ZImageTextEncode: " + w)
+        return {"ui": {"text": warnings}, "result": (positive, negative)}
