@@ -59,3 +59,21 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("=", f"ComfyUI host tests: {ran} ran, {skipped} skipped; host {where}")
     if skipped:
         terminalreporter.write_line("A skipped host test is not a pass: the nodes were not checked inside ComfyUI.")
+
+
+@pytest.fixture(scope="session")
+def comfy_base(comfyui_path, tmp_path_factory):
+    """A ComfyUI base directory with tiny model files under the real names, this pack and the test shim."""
+    from comfy_host import build_base_directory
+
+    return build_base_directory(tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_path, comfy_base, tmp_path_factory):
+    """ComfyUI's own server (main.py) on 127.0.0.1 with the pack installed in its custom_nodes."""
+    from comfy_host import ComfyServer
+
+    server = ComfyServer(comfyui_path, comfy_base, tmp_path_factory.mktemp("logs") / "comfyui.log")
+    yield server
+    server.close()

@@ -1,0 +1,201 @@
+"""A real ComfyUI for the host tests: tiny random model files in the real layouts, and a server on 127.0.0.1.
+
+The files carry the names users have (z_image_turbo_bf16.safetensors, qwen_3_4b.safetensors, ae.safetensors),
+so the shipped workflows run unchanged:
+- the transformer: the engine's tiny config (caption width 32), in ComfyUI's single-file layout, bf16;
+- the text encoder: ComfyUI's own Qwen3 class with a shrunken config (tests/comfy_shim explains why);
+- the VAE: ComfyUI's FLUX VAE encoder/decoder at full architecture, random weights, fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from helpers import randomize_
+from zimage import S3DiT, ZImageConfig
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+SHIM = Path(__file__).resolve().parent / "comfy_shim" / "zimage_tiny_text_encoder.py"
+TINY_DIT = ZImageConfig.tiny(cap_feat_dim=32)
+TRANSFORMER_FILES = ("z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors")
+
+
+def _init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights at a scale that keeps activations finite: fan-in scaled matrices, unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return module
+
+
+def write_transformer(path: Path, seed: int = 0):
+    model = randomize_(S3DiT(TINY_DIT), seed)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def write_text_encoder(path: Path):
+    import comfy.ops
+    import comfy.text_encoders.llama as llama
+
+    sys.path.insert(0, str(SHIM.parent))
+    import zimage_tiny_text_encoder  # noqa: F401  (installs the shrunken config in this process too)
+
+    model = llama.Qwen3_4B({}, dtype=torch.float32, device="cpu", operations=comfy.ops.manual_cast)
+    _init_(model, seed=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def write_vae(path: Path):
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    ddconfig = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128,
+                    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    vae = torch.nn.ModuleDict({"encoder": Encoder(**ddconfig), "decoder": Decoder(**ddconfig)})
+    _init_(vae, seed=2)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, str(path))
+
+
+def build_base_directory(base: Path) -> Path:
+    """A ComfyUI base directory: models, custom_nodes (this pack + the test shim), input, output."""
+    models = base / "models"
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+    for name in TRANSFORMER_FILES:
+        write_transformer(models / "diffusion_models" / name)
+    write_text_encoder(models / "text_encoders" / "qwen_3_4b.safetensors")
+    write_vae(models / "vae" / "ae.safetensors")
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir(exist_ok=True)
+    (custom_nodes / "comfyui-zimage").symlink_to(PACK_ROOT, target_is_directory=True)
+    shutil.copy(SHIM, custom_nodes / SHIM.name)
+    (base / "input").mkdir(exist_ok=True)
+    (base / "output").mkdir(exist_ok=True)
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    pixels = (torch.rand(256, 320, 3, generator=g) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(base / "input" / "example.png")
+    return base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """ComfyUI's main.py in a subprocess, bound to 127.0.0.1, with a small client for its HTTP API."""
+
+    def __init__(self, comfyui: Path, base: Path, log_path: Path, extra_args=()):
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        args = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
+                "--base-directory", str(base), "--preview-method", "latent2rgb", *extra_args]
+        if not torch.cuda.is_available():
+            args.append("--cpu")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(args, cwd=comfyui, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.client_id = uuid.uuid4().hex
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                self.get("/object_info/ZImageSampler")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not start in 180 s:\n{self.tail()}")
+
+    def tail(self, n=60) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def request(self, path, data=None, timeout=60):
+        body = None if data is None else json.dumps(data).encode()
+        req = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw else None)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def get(self, path):
+        status, body = self.request(path)
+        if status != 200:
+            raise RuntimeError(f"GET {path}: {status} {body}")
+        return body
+
+    def queue(self, prompt: dict) -> tuple[int, dict]:
+        """POST /prompt; returns (HTTP status, response): 200 with prompt_id, or 400 with node_errors."""
+        return self.request("/prompt", {"prompt": prompt, "client_id": self.client_id})
+
+    def wait(self, prompt_id: str, timeout=600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] in ("success", "error"):
+                    return entry
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died:\n{self.tail()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.tail()}")
+
+    def run(self, prompt: dict, timeout=600) -> dict:
+        status, body = self.queue(prompt)
+        if status != 200:
+            raise AssertionError(f"prompt refused: {json.dumps(body)[:2000]}")
+        return self.wait(body["prompt_id"], timeout)
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def output_images(entry: dict) -> list[dict]:
+    return [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
+
+
+def load_workflow(name: str) -> dict:
+    with open(PACK_ROOT / "workflows" / name) as f:
+        return json.load(f)
+
+
+def shrink(prompt: dict, side: int = 256) -> dict:
+    """The same graph at a size a CPU decodes quickly (the transformer is tiny; the VAE is full size)."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        if node["class_type"] == "ZImageLatent":
+            node["inputs"].update(width=side, height=side, aspect="custom")
+    return prompt
