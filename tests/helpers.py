@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
 import torch
 from safetensors.torch import save_file
@@ -96,9 +97,10 @@ def save_diffusers_folder(sd_diffusers, folder, dtype=torch.float32, shards=3):
     return folder
 
 
-def save_fp8_file(sd_diffusers, path, scaled: bool):
+def save_fp8_file(sd_diffusers, path, scaled: bool, prefix=""):
     """ComfyUI-style fp8 file: 2-D weights of the blocks in e4m3fn, the rest in bf16. With scaled=True each
-    fp8 weight carries a per-tensor `scale_weight` (ComfyUI's scaled-fp8 layout)."""
+    fp8 weight carries a per-tensor `scale_weight` (ComfyUI's scaled-fp8 layout), and the file a `scaled_fp8`
+    marker; every key, the marker included, gets `prefix`."""
     sd = {}
     for k, v in diffusers_to_comfy(sd_diffusers).items():
         if v.ndim == 2 and k.split(".")[0] in ("layers", "noise_refiner", "context_refiner"):
@@ -112,5 +114,64 @@ def save_fp8_file(sd_diffusers, path, scaled: bool):
             sd[k] = v.to(torch.bfloat16).contiguous()
     if scaled:
         sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    save_file(sd, path)
+    save_file({prefix + k: v for k, v in sd.items()}, path)
     return path
+
+
+# --- safetensors written by hand (format spec), for headers of files too big to make -------------------
+
+SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
+SAFETENSORS_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
+
+
+def write_safetensors_by_hand(path, tensors: dict, header_len: int | None = None) -> int:
+    """A safetensors file per its spec: 8-byte little-endian header length, the JSON header
+    {name: {dtype, shape, data_offsets}} padded with spaces, then the data. A value is a tensor (its bytes
+    are written) or a (dtype name, shape) pair, whose bytes are left a hole: the file is extended with
+    truncate(), so a header-only file of any size costs no disk. header_len pads the header to exactly
+    that many bytes. Returns the header length."""
+    header, offset = {}, 0
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            dtype, shape = SAFETENSORS_NAMES[value.dtype], list(value.shape)
+        else:
+            dtype, shape = value[0], list(value[1])
+        size = SAFETENSORS_ITEMSIZE[dtype]
+        for n in shape:
+            size *= n
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if header_len is None:
+        header_len = -(-len(text) // 8) * 8
+    assert header_len >= len(text), (header_len, len(text))
+    text += b" " * (header_len - len(text))
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", header_len))
+        f.write(text)
+        for name, value in tensors.items():
+            if isinstance(value, torch.Tensor):
+                f.seek(8 + header_len + header[name]["data_offsets"][0])
+                f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.truncate(8 + header_len + offset)
+    return header_len
+
+
+def comfy_header_spec(cfg: ZImageConfig, dtype: str = "BF16", prefix: str = "") -> dict:
+    """Every tensor of an S3DiT of shape cfg under its ComfyUI name, as (dtype name, shape), with no data:
+    names and shapes come from the engine's model built on the meta device (a stacked w13, if the engine
+    has one, split back into ComfyUI's w1 and w3)."""
+    from zimage import S3DiT
+
+    with torch.device("meta"):
+        model = S3DiT(cfg)
+    spec = {}
+    for name, tensor in model.state_dict().items():
+        shape = list(tensor.shape)
+        if ".feed_forward.w13." in name:
+            half = [shape[0] // 2] + shape[1:]
+            spec[prefix + name.replace(".w13.", ".w1.")] = (dtype, half)
+            spec[prefix + name.replace(".w13.", ".w3.")] = (dtype, half)
+        else:
+            spec[prefix + name] = (dtype, shape)
+    return spec

@@ -72,9 +72,11 @@ def conversion_plan(keys: Iterable[str]) -> dict[str, list[str]]:
     parts: dict[str, dict[int, str]] = defaultdict(dict)
     counts: dict[str, int] = {}
     for key in keys:
-        if not key.startswith(prefix) or IGNORED_KEYS.search(key) or key.endswith(SCALE_SUFFIXES):
+        stripped = key[len(prefix):]
+        # the ignored keys are matched without the prefix: a prefixed file's marker is `<prefix>scaled_fp8`
+        if not key.startswith(prefix) or IGNORED_KEYS.search(stripped) or key.endswith(SCALE_SUFFIXES):
             continue
-        name, part, n = engine_key(key[len(prefix):])
+        name, part, n = engine_key(stripped)
         parts[name][part] = key
         counts[name] = n
     plan = {}
@@ -224,7 +226,10 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
     prefix = strip_prefix(keys)
     if prefix + "cap_embedder.1.weight" not in entries:
         raise CheckpointError(f"{name} is {describe_foreign(keys)}, not a Z-Image transformer.")
-    plan = conversion_plan(keys)
+    try:
+        plan = conversion_plan(keys)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
 
     def shape(engine_name):
         sources = plan.get(engine_name)

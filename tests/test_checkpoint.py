@@ -1,0 +1,519 @@
+"""The transformer files users have load to the model their weights describe, and every other file is refused
+with a message that says what it is.
+
+One set of random weights (a diffusers reference model's) is written in each format; each file must load to the
+same engine parameters (up to the precision it stores) and give the reference's velocities.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from collections import Counter
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import (comfy_header_spec, diffusers_reference, diffusers_to_comfy, diffusers_velocity, rel_err,
+                     save_comfy_file, save_diffusers_folder, save_fp8_file, write_safetensors_by_hand)
+from zimage import CheckpointError, S3DiT, ZImageConfig, convert_state_dict, inspect_checkpoint, load_transformer
+
+TINY = ZImageConfig.tiny()
+# test_model_parity.py's MID: the released head (128) and RoPE split (32, 48, 48); fewer, narrower layers
+MID = ZImageConfig(dim=384, n_heads=3, n_layers=2, n_refiner_layers=1, ffn_hidden=1024, cap_feat_dim=96,
+                   t_embed_dim=256)
+PREFIX = "model.diffusion_model."
+BLOCK_STACKS = ("layers", "noise_refiner", "context_refiner")
+
+# format -> (stored dtype, format inspect_checkpoint reports)
+FORMATS = {
+    "comfy_bf16": (torch.bfloat16, "comfyui"),
+    "comfy_bf16_prefixed": (torch.bfloat16, "comfyui"),
+    "diffusers_folder": (torch.float32, "diffusers"),
+    "diffusers_transformer_subfolder": (torch.float32, "diffusers"),
+    "fp8": (torch.float8_e4m3fn, "comfyui"),
+    "fp8_scaled": (torch.float8_e4m3fn, "comfyui"),
+    "fp8_scaled_prefixed": (torch.float8_e4m3fn, "comfyui"),
+}
+# velocity relative error to the float32 diffusers reference, loaded as float32
+VELOCITY_TOLERANCE = {"comfy_bf16": 2e-2, "comfy_bf16_prefixed": 2e-2, "diffusers_folder": 1e-5,
+                      "diffusers_transformer_subfolder": 1e-5, "fp8": 0.15, "fp8_scaled": 0.15,
+                      "fp8_scaled_prefixed": 0.15}
+
+
+def write_all_formats(sd: dict[str, torch.Tensor], root) -> dict[str, str]:
+    root = str(root)
+    folder = save_diffusers_folder(sd, os.path.join(root, "Z-Image-Turbo"), shards=3)
+    return {
+        "comfy_bf16": save_comfy_file(sd, os.path.join(root, "z_image_turbo_bf16.safetensors")),
+        "comfy_bf16_prefixed": save_comfy_file(sd, os.path.join(root, "prefixed_bf16.safetensors"), prefix=PREFIX),
+        "diffusers_folder": folder,
+        "diffusers_transformer_subfolder": os.path.join(folder, "transformer"),
+        "fp8": save_fp8_file(sd, os.path.join(root, "z_image_fp8_e4m3fn.safetensors"), scaled=False),
+        "fp8_scaled": save_fp8_file(sd, os.path.join(root, "z_image_fp8_scaled.safetensors"), scaled=True),
+        "fp8_scaled_prefixed": save_fp8_file(sd, os.path.join(root, "prefixed_fp8_scaled.safetensors"), scaled=True,
+                                             prefix=PREFIX),
+    }
+
+
+def velocity_inputs(cfg: ZImageConfig):
+    g = torch.Generator().manual_seed(11)
+    latents = torch.randn(2, cfg.in_channels, 8, 10, generator=g)
+    captions = [torch.randn(n, cfg.cap_feat_dim, generator=g) for n in (7, 40)]  # padded to 32 and 64: masked
+    return latents, torch.tensor([0.8, 0.3]), captions
+
+
+class Saved:
+    def __init__(self, cfg, seed, root, scale_blocks: float = 1.0):
+        self.cfg = cfg
+        self.reference = diffusers_reference(cfg, seed=seed)
+        if scale_blocks != 1.0:
+            with torch.no_grad():
+                for name, p in self.reference.named_parameters():
+                    if p.ndim == 2 and name.split(".")[0] in BLOCK_STACKS:
+                        p.mul_(scale_blocks)
+        self.sd = {k: v.detach().clone() for k, v in self.reference.state_dict().items()}
+        self.expected = convert_state_dict(self.sd)  # float32, engine names
+        self.paths = write_all_formats(self.sd, root)
+        self.inputs = velocity_inputs(cfg)
+        with torch.no_grad():
+            self.velocity = diffusers_velocity(self.reference, *self.inputs)
+
+
+@pytest.fixture(scope="module", params=[TINY, MID], ids=["tiny", "mid"])
+def saved(request, tmp_path_factory):
+    return Saved(request.param, seed=5, root=tmp_path_factory.mktemp("formats"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return Saved(TINY, seed=6, root=tmp_path_factory.mktemp("tiny_refusals"))
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters())
+
+
+def dequantized_file(path: str) -> dict[str, torch.Tensor]:
+    """The file's tensors as the numbers they stand for (fp8 times its per-tensor scale), read with the
+    safetensors library and converted here, independently of the engine's loader."""
+    raw = load_file(path)
+    out = {}
+    for key, value in raw.items():
+        if key.endswith(".scale_weight") or key.endswith("scaled_fp8"):
+            continue
+        value = value.float()
+        scale_key = key.removesuffix(".weight") + ".scale_weight"
+        if scale_key in raw:
+            value = value * raw[scale_key].float()
+        out[key] = value
+    return out
+
+
+# --- 1. every format loads to the same model ---------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_parameters_equal_reference(saved, fmt):
+    model = load_transformer(saved.paths[fmt], dtype=torch.float32)
+    got = params(model)
+    assert set(got) == set(saved.expected)
+    stored = FORMATS[fmt][0]
+    if stored == torch.float32:
+        for name, value in saved.expected.items():
+            assert torch.equal(got[name], value), name
+    elif stored == torch.bfloat16:
+        for name, value in saved.expected.items():
+            assert torch.equal(got[name], value.to(torch.bfloat16).float()), name
+    else:
+        # exactly what the file stores (read and dequantized here), and that within e4m3 rounding of the weights
+        from_file = convert_state_dict(dequantized_file(saved.paths[fmt]))
+        assert set(from_file) == set(saved.expected)
+        n_fp8 = 0
+        for name, value in saved.expected.items():
+            assert torch.equal(got[name], from_file[name]), name
+            err = rel_err(got[name], value)
+            assert err < 0.07, (name, err)
+            n_fp8 += err > 5e-3  # more than bf16 rounding: this tensor really was stored in fp8
+        assert n_fp8 >= 4 * (saved.cfg.n_layers + 2 * saved.cfg.n_refiner_layers)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_velocity_matches_reference(saved, fmt):
+    model = load_transformer(saved.paths[fmt], dtype=torch.float32)
+    with torch.no_grad():
+        velocity = model(*saved.inputs)
+    err = rel_err(velocity, saved.velocity)
+    assert err <= VELOCITY_TOLERANCE[fmt], err
+    if FORMATS[fmt][0] != torch.float32:
+        assert err > 1e-6  # the stored precision is really in effect (a float32 side path would hide here)
+
+
+def test_scaled_fp8_beats_plain_fp8_on_small_weights(tmp_path):
+    """Per-tensor scales matter when the weights are small, as in the released 6B model, where plain e4m3
+    spends them in its subnormal range. (On the standard random weights, ~0.1 in size, both formats round
+    alike and neither is reliably better; there both are only bounded, above.)"""
+    small = Saved(MID, seed=7, root=tmp_path, scale_blocks=0.15)
+    errors = {}
+    for fmt in ("fp8", "fp8_scaled"):
+        model = load_transformer(small.paths[fmt], dtype=torch.float32)
+        with torch.no_grad():
+            errors[fmt] = rel_err(model(*small.inputs), small.velocity)
+    assert errors["fp8"] < 0.15 and errors["fp8_scaled"] <= 0.5 * errors["fp8"], errors
+
+
+def test_streaming_reads_each_tensor_once(saved, monkeypatch):
+    """load_transformer never loads a whole file (load_file / load): it reads tensor by tensor, each once."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole file was loaded into memory")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(safetensors.torch, "load", refuse)
+    reads = Counter()
+    real_safe_open = safetensors.safe_open
+
+    class CountingHandle:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_safe_open(*args, **kwargs)
+
+        def get_tensor(self, key):
+            reads[key] += 1
+            return self.handle.get_tensor(key)
+
+        def get_slice(self, key):
+            reads[key] += 1
+            return self.handle.get_slice(key)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(safetensors, "safe_open", CountingHandle)
+    for fmt in ("comfy_bf16", "diffusers_folder", "fp8_scaled_prefixed"):
+        reads.clear()
+        model = load_transformer(saved.paths[fmt], dtype=torch.float32)
+        assert set(params(model)) == set(saved.expected)
+        keys = set()
+        for file in inspect_checkpoint(saved.paths[fmt]).files:
+            with real_safe_open(file, framework="pt") as f:
+                keys.update(f.keys())
+        assert set(reads) == {k for k in keys if not k.endswith("scaled_fp8")}, fmt
+        assert set(reads.values()) == {1}, fmt
+
+
+# --- 2. detection from headers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_inspect_detects_format_and_config(saved, fmt):
+    info = inspect_checkpoint(saved.paths[fmt])
+    stored, file_format = FORMATS[fmt]
+    assert info.format == file_format
+    assert info.variant == "z-image"
+    assert info.stored_dtype == stored
+    assert info.config == saved.cfg
+    assert len(info.files) == (3 if file_format == "diffusers" else 1)
+    assert all(os.path.isfile(f) for f in info.files)
+
+
+@pytest.mark.parametrize("prefix", ["", PREFIX])
+def test_full_size_detected_from_header_alone(tmp_path, prefix):
+    """A header listing every tensor of the 6B model (bf16), its 12 GB of data a hole in a sparse file."""
+    spec = comfy_header_spec(ZImageConfig(), "BF16", prefix)
+    assert any(".feed_forward.w1." in k for k in spec) and any(".feed_forward.w3." in k for k in spec)
+    assert not any(".w13." in k for k in spec)
+    path = str(tmp_path / "z_image_turbo_bf16.safetensors")
+    write_safetensors_by_hand(path, spec)
+    n_params = sum(torch.Size(shape).numel() for _, shape in spec.values())
+    assert n_params == 6_154_908_736
+    assert os.path.getsize(path) > 2 * n_params
+    with safetensors.safe_open(path, framework="pt") as f:  # the real library accepts the hand-written header
+        assert set(f.keys()) == set(spec)
+        assert f.get_slice(prefix + "x_embedder.weight").get_shape() == [3840, 64]
+
+    info = inspect_checkpoint(path)
+    assert info.config == ZImageConfig()
+    assert info.stored_dtype == torch.bfloat16
+    assert (info.format, info.variant) == ("comfyui", "z-image")
+    with torch.device("meta"):
+        model = S3DiT(ZImageConfig())
+    assert set(info.plan) == set(params(model))
+
+
+def test_hand_written_file_loads(tmp_path):
+    """The hand writer used above makes files that both safetensors and the engine read back exactly."""
+    reference = diffusers_reference(TINY, seed=8)
+    tensors = {k: v.to(torch.bfloat16) for k, v in diffusers_to_comfy(reference.state_dict()).items()}
+    path = str(tmp_path / "by_hand.safetensors")
+    write_safetensors_by_hand(path, tensors)
+    back = load_file(path)
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+    model = load_transformer(path)
+    expected = convert_state_dict(tensors)
+    assert all(torch.equal(p, expected[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("header_len_mod,modulus", [(0x80, 256), (0x4B50, 65536)], ids=["0x80", "PK"])
+def test_header_length_that_looks_like_a_magic_number(tmp_path, header_len_mod, modulus):
+    """The first bytes of a safetensors file are its header length: 0x80... (a pickle's first byte) or "PK"
+    (a zip's) must not get a valid file refused. One in 32 padded headers starts with 0x80."""
+    reference = diffusers_reference(TINY, seed=9)
+    tensors = {k: v.to(torch.bfloat16) for k, v in diffusers_to_comfy(reference.state_dict()).items()}
+    path = str(tmp_path / "valid.safetensors")
+    natural = write_safetensors_by_hand(path, tensors)
+    header_len = natural + (header_len_mod - natural) % modulus
+    write_safetensors_by_hand(path, tensors, header_len=header_len)
+    with open(path, "rb") as f:
+        first = f.read(2)
+    assert first[:1] == b"\x80" if modulus == 256 else first == b"PK"
+    assert set(load_file(path)) == set(tensors)  # a valid file for the safetensors library
+    model = load_transformer(path)
+    assert model.cfg == TINY
+
+
+# --- 4. dtype, device, inference mode ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,dtype,expected", [
+    ("comfy_bf16", None, torch.bfloat16),
+    ("comfy_bf16", torch.bfloat16, torch.bfloat16),
+    ("comfy_bf16", torch.float32, torch.float32),
+    ("diffusers_folder", None, torch.float32),
+    ("diffusers_folder", torch.bfloat16, torch.bfloat16),
+    ("fp8", None, torch.bfloat16),
+    ("fp8_scaled", None, torch.bfloat16),
+    ("fp8_scaled", torch.float32, torch.float32),
+])
+def test_dtype_device_and_eval(tiny, fmt, dtype, expected):
+    model = load_transformer(tiny.paths[fmt], device="cpu", dtype=dtype)
+    assert set(params(model)) == set(tiny.expected)
+    for name, p in model.named_parameters():
+        assert p.dtype == expected, name
+        assert p.device == torch.device("cpu"), name
+        assert not p.requires_grad, name
+    assert not any(m.training for m in model.modules())
+    assert model.dtype == expected
+    if fmt == "comfy_bf16" and dtype is None:  # kept exactly as stored
+        stored = load_file(tiny.paths[fmt])
+        assert all(torch.equal(p, stored[n]) for n, p in model.named_parameters() if n in stored)
+    with torch.no_grad():
+        velocity = model(*tiny.inputs)
+    assert velocity.dtype == expected and torch.isfinite(velocity).all()
+    assert rel_err(velocity.float(), tiny.velocity) < 0.15
+
+
+# --- 5. refusals ---------------------------------------------------------------------------------------------
+
+def _pickle_zip(tmp_path, tiny):
+    path = tmp_path / "model.safetensors"  # the name does not matter: the bytes do
+    torch.save({"a": torch.zeros(1)}, path)
+    return path
+
+
+def _pickle_legacy(tmp_path, tiny):
+    path = tmp_path / "model.ckpt"
+    torch.save({"a": torch.zeros(1)}, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def _truncated(tmp_path, tiny):
+    data = open(tiny.paths["comfy_bf16"], "rb").read()
+    path = tmp_path / "z_image_turbo_bf16.safetensors"
+    path.write_bytes(data[:-100])
+    return path
+
+
+def _truncated_in_header(tmp_path, tiny):
+    data = open(tiny.paths["comfy_bf16"], "rb").read()
+    path = tmp_path / "z_image_turbo_bf16.safetensors"
+    path.write_bytes(data[:500])
+    return path
+
+
+def _random_bytes(tmp_path, tiny):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "noise.safetensors"
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=g, dtype=torch.uint8).numpy().tobytes())
+    return path
+
+
+def _empty(tmp_path, tiny):
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(b"")
+    return path
+
+
+def _gguf(tmp_path, tiny):
+    path = tmp_path / "z_image_turbo-Q8_0.gguf"
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(256))
+    return path
+
+
+def _keys_file(name, keys):
+    def build(tmp_path, tiny):
+        path = tmp_path / name
+        save_file({k: torch.zeros(shape, dtype=torch.bfloat16) for k, shape in keys.items()}, path)
+        return path
+    return build
+
+
+_flux = _keys_file("flux1-dev.safetensors", {
+    "double_blocks.0.img_attn.qkv.weight": (24, 8), "single_blocks.0.linear1.weight": (40, 8),
+    "img_in.weight": (8, 64)})
+_sdxl = _keys_file("sd_xl_base_1.0.safetensors", {
+    "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 77),
+    "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)})
+_text_encoder = _keys_file("qwen_3_4b.safetensors", {
+    "model.layers.0.self_attn.q_proj.weight": (8, 8), "model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,)})
+_vae = _keys_file("ae.safetensors", {
+    "decoder.conv_in.weight": (8, 16, 3, 3), "encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_out.bias": (3,)})
+_lora = _keys_file("z_image_style_lora.safetensors", {
+    "diffusion_model.layers.0.attention.to_q.lora_A.weight": (4, 64),
+    "diffusion_model.layers.0.attention.to_q.lora_B.weight": (64, 4)})
+
+
+def _lumina(tmp_path, tiny):
+    """Lumina Image 2.0's NextDiT, ComfyUI's key names: Z-Image's layout at dim 2304 (header only, sparse)."""
+    spec = {"x_embedder.weight": ("BF16", [2304, 64]), "x_embedder.bias": ("BF16", [2304]),
+            "cap_embedder.0.weight": ("BF16", [2304]), "cap_embedder.1.weight": ("BF16", [2304, 2304]),
+            "t_embedder.mlp.0.weight": ("BF16", [1024, 256]), "t_embedder.mlp.2.weight": ("BF16", [1024, 1024])}
+    for i in range(2):
+        spec.update({f"layers.{i}.attention.qkv.weight": ("BF16", [3840, 2304]),
+                     f"layers.{i}.attention.out.weight": ("BF16", [2304, 2304]),
+                     f"layers.{i}.attention.q_norm.weight": ("BF16", [96]),
+                     f"layers.{i}.attention.k_norm.weight": ("BF16", [96]),
+                     f"layers.{i}.feed_forward.w1.weight": ("BF16", [6144, 2304]),
+                     f"layers.{i}.feed_forward.w2.weight": ("BF16", [2304, 6144]),
+                     f"layers.{i}.feed_forward.w3.weight": ("BF16", [6144, 2304])})
+    path = tmp_path / "lumina_2.safetensors"
+    write_safetensors_by_hand(str(path), spec)
+    return path
+
+
+def _without(name, *removed):
+    def build(tmp_path, tiny):
+        sd = {k: v.to(torch.bfloat16) for k, v in diffusers_to_comfy(tiny.sd).items() if k not in removed}
+        assert len(sd) == len(diffusers_to_comfy(tiny.sd)) - len(removed)
+        path = tmp_path / name
+        save_file(sd, path)
+        return path
+    return build
+
+
+def _folder_without_to_k(tmp_path, tiny):
+    sd = {k: v for k, v in tiny.sd.items() if k != "layers.1.attention.to_k.weight"}
+    assert len(sd) == len(tiny.sd) - 1
+    return save_diffusers_folder(sd, str(tmp_path / "Z-Image-Turbo"))
+
+
+def _folder_missing_shard(tmp_path, tiny):
+    folder = save_diffusers_folder(tiny.sd, str(tmp_path / "Z-Image-Turbo"), shards=3)
+    os.remove(os.path.join(folder, "transformer", "diffusion_pytorch_model-00002-of-00003.safetensors"))
+    return folder
+
+
+def _empty_folder(tmp_path, tiny):
+    (tmp_path / "transformer").mkdir()
+    return tmp_path
+
+
+def _nonexistent(tmp_path, tiny):
+    return tmp_path / "z_image_turbo_bf16.safetensors"
+
+
+REFUSALS = {
+    "pickle": (_pickle_zip, ["pickle"]),
+    "pickle_legacy": (_pickle_legacy, ["pickle"]),
+    "truncated": (_truncated, ["truncated"]),
+    "truncated_in_header": (_truncated_in_header, ["truncated"]),
+    "random_bytes": (_random_bytes, ["not a safetensors file"]),
+    "empty": (_empty, ["0 bytes"]),
+    "gguf": (_gguf, ["GGUF"]),
+    "flux": (_flux, ["FLUX"]),
+    "sdxl": (_sdxl, ["SDXL"]),
+    "text_encoder": (_text_encoder, ["text encoder"]),
+    "vae": (_vae, ["VAE"]),
+    "lora": (_lora, ["LoRA"]),
+    "lumina": (_lumina, ["Lumina"]),
+    "missing_norm": (_without("z_image_turbo_bf16.safetensors", "layers.1.attention_norm2.weight"),
+                     ["missing", "layers.1.attention_norm2.weight"]),
+    "missing_q_norm": (_without("z_image_turbo_bf16.safetensors", "layers.0.attention.q_norm.weight"),
+                       ["missing", "layers.0.attention.q_norm.weight"]),
+    "folder_missing_to_k": (_folder_without_to_k, ["incomplete", "layers.1.attention.qkv.weight",
+                                                   "layers.1.attention.to_q.weight"]),
+    "folder_missing_shard": (_folder_missing_shard, ["diffusion_pytorch_model-00002-of-00003.safetensors"]),
+    "folder_without_files": (_empty_folder, ["no .safetensors"]),
+    "nonexistent": (_nonexistent, ["does not exist"]),
+}
+
+
+# conversion_plan's "incomplete checkpoint" message names the tensors, not the file
+UNNAMED = {"folder_missing_to_k"}
+
+
+@pytest.fixture
+def nothing_unpickled(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusal_says_what_the_file_is(tiny, tmp_path, case, nothing_unpickled):
+    build, words = REFUSALS[case]
+    path = str(build(tmp_path, tiny))
+    with pytest.raises(CheckpointError) as refused:
+        load_transformer(path, dtype=torch.float32)
+    message = str(refused.value)
+    for word in words:
+        assert word in message, (word, message)
+    if case not in UNNAMED:
+        assert os.path.basename(path.rstrip("/")) in message, message
+
+
+def test_refusals_are_value_errors():
+    assert issubclass(CheckpointError, ValueError)
+
+
+# --- 6. key conversion ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [TINY, MID], ids=["tiny", "mid"])
+def test_convert_state_dict_formats_agree(cfg):
+    sd = diffusers_reference(cfg, seed=10).state_dict()
+    comfy = diffusers_to_comfy(sd)
+    from_diffusers = convert_state_dict(sd)
+    from_comfy = convert_state_dict(comfy)
+    from_prefixed = convert_state_dict({PREFIX + k: v for k, v in comfy.items()})
+    engine_keys = set(S3DiT(cfg).state_dict())
+    assert set(from_diffusers) == set(from_comfy) == set(from_prefixed) == engine_keys
+    for name in engine_keys:
+        assert torch.equal(from_diffusers[name], from_comfy[name]), name
+        assert torch.equal(from_prefixed[name], from_comfy[name]), name
+    # the fused attention input is q, k, v in that order, from the diffusers side's separate matrices
+    qkv = from_diffusers["layers.1.attention.qkv.weight"]
+    assert torch.equal(qkv, torch.cat([sd[f"layers.1.attention.to_{p}.weight"] for p in "qkv"]))
+    assert torch.equal(from_diffusers["x_embedder.weight"], sd["all_x_embedder.2-1.weight"])
+    assert torch.equal(from_diffusers["layers.0.attention.k_norm.weight"], sd["layers.0.attention.norm_k.weight"])
+
+
+def test_convert_state_dict_dequantizes_scaled_fp8(tiny):
+    """convert_state_dict on a scaled-fp8 state dict (in memory) gives what load_transformer loads from it."""
+    raw = load_file(tiny.paths["fp8_scaled"])
+    assert any(k.endswith(".scale_weight") for k in raw)
+    converted = convert_state_dict(raw)
+    model = load_transformer(tiny.paths["fp8_scaled"], dtype=torch.float32)
+    assert set(converted) == set(params(model))
+    for name, p in model.named_parameters():
+        assert torch.equal(converted[name].float(), p), name
