@@ -22,13 +22,15 @@ MIN_SIDE, MAX_SIDE = 256, 4096
 
 
 def size_problem(width: int, height: int) -> str | None:
+    problems = []
     for name, side in (("width", width), ("height", height)):
         if side % 16:
-            return (f"{name} {side} is not a multiple of 16: Z-Image packs 2x2 latent patches of 8-pixel VAE cells. "
-                    f"Use {side // 16 * 16} or {side // 16 * 16 + 16}.")
-        if not MIN_SIDE <= side <= MAX_SIDE:
-            return f"{name} {side} is outside {MIN_SIDE}..{MAX_SIDE}."
-    return None
+            problems.append(f"{name} {side} is not a multiple of 16 (use {side // 16 * 16} or {side // 16 * 16 + 16})")
+        elif not MIN_SIDE <= side <= MAX_SIDE:
+            problems.append(f"{name} {side} is outside {MIN_SIDE}..{MAX_SIDE}")
+    if not problems:
+        return None
+    return "; ".join(problems) + ". Z-Image packs 2x2 latent patches of 8-pixel VAE cells, so sides are multiples of 16."
 
 
 class ZImageLatent:
