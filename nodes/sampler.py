@@ -102,7 +102,10 @@ class ZImageSampler:
         negative_caps = conditioning_captions(negative, batch, width, "negative") if cfg > 0 else None
         sigmas = flow_sigmas(steps, shift, denoise)
 
-        mm.load_models_gpu([model])
+        # room for the activations, as ComfyUI's own samplers ask for it (one forward of 2B when guided)
+        evaluated = [batch * (2 if cfg > 0 else 1), *samples.shape[1:]]
+        mm.load_models_gpu([model], memory_required=model.model.memory_required(evaluated),
+                           minimum_memory_required=model.model.memory_required([batch, *samples.shape[1:]]))
         start = model.model.process_latent_in(samples.float()) if denoise < 1 else None
         preview = latent_preview.prepare_callback(model, steps)
 

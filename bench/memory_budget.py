@@ -1,0 +1,132 @@
+"""Three 1024x1024 Turbo generations in a row under a ComfyUI VRAM budget, through the pack's nodes.
+
+ComfyUI is told the budget (--reserve-vram = card - budget) and PyTorch is capped at it
+(set_per_process_memory_fraction), so going over it is a real out-of-memory error, not a number. The text
+encoder (Qwen3-4B), the transformer (6B, through ZImageLoader from a safetensors file) and the VAE are the
+full-size architectures with random weights, all owned by ComfyUI's model management.
+
+    python bench/memory_budget.py --comfyui /path/to/ComfyUI --budget-gb 16 --models /tmp/zimage-models --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import torch
+
+PACK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+GiB = 2**30
+
+
+def random_state(shapes: dict[str, torch.Size], dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors drawn on the GPU (fast), kept on the CPU; norms near 1, matrices fan-in scaled."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=g, device="cuda", dtype=torch.float32)
+        if len(shape) >= 2:
+            t *= 0.8 / (torch.Size(shape[1:]).numel() ** 0.5)
+        elif "norm" in name and name.endswith("weight"):
+            t = 1 + 0.1 * t
+        else:
+            t *= 0.02
+        out[name] = t.to(dtype).cpu()
+    return out
+
+
+def shapes_of(module: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--budget-gb", type=float, required=True)
+    parser.add_argument("--models", required=True, help="folder for the random transformer file (reused)")
+    parser.add_argument("--generations", type=int, default=3)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+
+    total_gb = torch.cuda.get_device_properties(0).total_memory / GiB
+    torch.cuda.set_per_process_memory_fraction(args.budget_gb / total_gb)
+    sys.path.insert(0, args.comfyui)
+    import comfy.cli_args
+
+    comfy.cli_args.args.reserve_vram = total_gb - args.budget_gb
+    import comfy.model_management as mm
+    import comfy.ops
+    import comfy.sd
+    import comfy.text_encoders.llama
+    import folder_paths
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("comfyui_zimage", os.path.join(PACK, "__init__.py"),
+                                                  submodule_search_locations=[PACK])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_zimage"] = pack
+    spec.loader.exec_module(pack)
+    nodes = pack.NODE_CLASS_MAPPINGS
+    from comfyui_zimage.zimage import S3DiT, ZImageConfig
+
+    os.makedirs(args.models, exist_ok=True)
+    folder_paths.add_model_folder_path("diffusion_models", args.models)
+    name = "z_image_random_bf16.safetensors"
+    path = os.path.join(args.models, name)
+    t0 = time.time()
+    if not os.path.exists(path):
+        with torch.device("meta"):
+            shapes = shapes_of(S3DiT(ZImageConfig()))
+        save_file(random_state(shapes, torch.bfloat16, 0), path)
+    with torch.device("meta"):
+        te_shapes = shapes_of(comfy.text_encoders.llama.Qwen3_4B({}, dtype=torch.bfloat16, device="meta",
+                                                                  operations=comfy.ops.manual_cast))
+    clip = comfy.sd.load_text_encoder_state_dicts([random_state(te_shapes, torch.bfloat16, 1)],
+                                                  clip_type=comfy.sd.CLIPType.LUMINA2)
+    dd = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+              num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    with torch.device("meta"):
+        vae_shapes = shapes_of(torch.nn.ModuleDict({"encoder": Encoder(**dd), "decoder": Decoder(**dd)}))
+    vae = comfy.sd.VAE(sd=random_state(vae_shapes, torch.float32, 2))
+    setup_s = time.time() - t0
+
+    (model,) = nodes["ZImageLoader"]().load(name, "default", "auto")
+    runs = []
+    for i in range(args.generations):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.time()
+        positive, negative = nodes["ZImageTextEncode"]().encode(clip, f"a lighthouse at dusk, take {i}", "",
+                                                                 "official")["result"]
+        (latent,) = nodes["ZImageLatent"]().generate(args.size, args.size, 1, "custom")
+        (samples,) = nodes["ZImageSampler"]().sample(model, positive, latent, i, "turbo", 8, 0.0, 3.0, 1.0, 0.0, 1.0,
+                                                    negative)
+        image = vae.decode(samples["samples"])
+        torch.cuda.synchronize()
+        runs.append({"generation": i + 1, "seconds": time.time() - t,
+                     "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+                     "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+                     "image": list(image.shape), "finite": bool(torch.isfinite(image).all()),
+                     "transformer_lowvram": bool(getattr(model.model, "model_lowvram", False)),
+                     "loaded_models": [type(m.model).__name__ for m in mm.current_loaded_models]})
+        print(json.dumps(runs[-1]), flush=True)
+
+    result = {"what": f"{args.generations} Turbo generations {args.size}x{args.size} (text encode + 8 steps + VAE decode) "
+                      f"under a {args.budget_gb:g} GiB ComfyUI VRAM budget",
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+              "budget_gib": args.budget_gb, "setup_seconds": setup_s, "runs": runs}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"memory-{args.budget_gb:g}gb.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
