@@ -9,10 +9,12 @@ weights once when the model is loaded, not at every step.
 from __future__ import annotations
 
 import logging
+import math
 
 import comfy.lora
 import comfy.lora_convert
 import comfy.utils
+import comfy.weight_adapter
 import folder_paths
 
 from .comfy_model import engine_of
@@ -51,6 +53,33 @@ class _MissedKeys(logging.Handler):
             self.keys.append(message.split(":", 1)[-1].strip())
 
 
+def _misfits(model_patcher, patches: dict) -> list[str]:
+    """Patches whose matrices do not fit their weight (a LoRA of another model that reuses these module names,
+    such as Lumina 2's): ComfyUI would skip each at load time with only an error line in the log."""
+    state = model_patcher.model.state_dict()
+    misfits = []
+    for target, patch in patches.items():
+        key, offset = (target, None) if isinstance(target, str) else target
+        if key not in state:
+            continue  # reported by apply_lora as found no weight
+        shape = list(state[key].shape)
+        if offset is not None:
+            shape[offset[0]] = offset[2]
+        if isinstance(patch, comfy.weight_adapter.LoRAAdapter):
+            up, down, _alpha, mid, _dora_scale, reshape = patch.weights
+            if mid is not None or reshape is not None:
+                continue
+            have, want = [up.shape[0], down[0].numel()], [shape[0], math.prod(shape[1:])]
+        elif isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff" and len(patch[1]) == 1:
+            have, want = list(patch[1][0].shape), shape
+        else:
+            continue  # other adapter types are left to ComfyUI
+        if have != want:
+            misfits.append(f"{key}{'' if offset is None else f' rows {offset[1]}:{offset[1] + offset[2]}'}: "
+                           f"LoRA {have} vs model {want}")
+    return misfits
+
+
 def apply_lora(model_patcher, lora_sd: dict, strength: float):
     """A clone of model_patcher with the LoRA's patches added; raises if any LoRA key would be ignored."""
     lora_sd = comfy.lora_convert.convert_lora(lora_sd)
@@ -66,6 +95,10 @@ def apply_lora(model_patcher, lora_sd: dict, strength: float):
                          f"{', '.join(missed.keys[:3])}). Is it a LoRA for another model?")
     if not patches:
         raise ValueError("this LoRA holds no weights that apply to Z-Image")
+    misfits = _misfits(model_patcher, patches)
+    if misfits:
+        raise ValueError(f"{len(misfits)} LoRA weights do not fit this Z-Image model's shapes (e.g. "
+                         f"{'; '.join(misfits[:3])}). Is it a LoRA for another model or model size?")
     patched = model_patcher.clone()
     applied = set(patched.add_patches(patches, strength))
     unapplied = [k if isinstance(k, str) else k[0] for k in patches if k not in applied]

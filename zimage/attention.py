@@ -11,11 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# The preferred kernel first; where it cannot take a call (flash takes no mask, which batches of captions of
+# different lengths need), PyTorch falls through to the next in the list.
+FALLBACK = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 BACKENDS: dict[str, list[SDPBackend]] = {
-    "auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    "cudnn": [SDPBackend.CUDNN_ATTENTION],
-    "flash": [SDPBackend.FLASH_ATTENTION],
-    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *FALLBACK],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION, *FALLBACK],
+    "flash": [SDPBackend.FLASH_ATTENTION, *FALLBACK],
+    "efficient": FALLBACK,
     "math": [SDPBackend.MATH],
 }
 
