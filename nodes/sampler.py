@@ -115,6 +115,6 @@ class ZImageSampler:
 
         out = sample(transformer, make_noise(seed, tuple(samples.shape)), sigmas, positive_caps, negative_caps,
                      guidance=cfg, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
-                     latent=start, callback=on_step)
+                     latent=start, callback=on_step, device=model.load_device)
         out = model.model.process_latent_out(out.to(mm.intermediate_device()))
         return ({**latent, "samples": out},)

@@ -75,17 +75,20 @@ def sample(
     cfg_truncation: float = 1.0,
     latent: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Integrate from sigmas[0] to sigmas[-1] and return the final latents (float32, on the model's device).
+    """Integrate from sigmas[0] to sigmas[-1] and return the final latents (float32, on `device`).
 
     noise, latent: [B, C, H, W]; latent is the clean starting image for img2img (None: empty).
     positive, negative: B caption feature tensors each, [L_i, cap_feat_dim].
+    device: where to compute; default the model's. A host that offloads part of the weights (ComfyUI's
+    lowvram) names its compute device here, since the model's first weight may sit elsewhere.
     """
     if guidance > 0 and negative is None:
         raise ValueError("guidance > 0 needs negative captions (an empty prompt's are the usual choice)")
     if len(positive) != noise.shape[0] or (negative is not None and len(negative) != noise.shape[0]):
         raise ValueError(f"need {noise.shape[0]} captions per side for a batch of {noise.shape[0]}")
-    device = model.device
+    device = torch.device(device) if device is not None else model.device
     batch = noise.shape[0]
     x = noise.to(device=device, dtype=torch.float32) * sigmas[0]
     if latent is not None and sigmas[0] < 1.0:
