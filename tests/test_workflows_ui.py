@@ -43,6 +43,14 @@ def control_widgets(name: str, spec) -> int:
     return 1 if flag else 0
 
 
+def default_of(spec):
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    assert isinstance(spec[0], list) and spec[0], f"no default for {spec}"
+    return spec[0][0]  # a combo starts at its first choice
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """A UI-format workflow (version 0.4) as the API prompt the frontend would queue."""
     assert workflow.get("version") == 0.4, f"version {workflow.get('version')!r}, expected 0.4"
@@ -77,6 +85,10 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             for input_name in info["input_order"].get(section, []):
                 spec = specs[input_name]
                 if not is_widget(spec):
+                    continue
+                if not values and section == "optional":
+                    # a file saved before this optional widget existed: the frontend leaves it at its default
+                    inputs[input_name] = default_of(spec)
                     continue
                 inputs[input_name] = take(input_name)
                 for _ in range(control_widgets(input_name, spec)):
