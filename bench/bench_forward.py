@@ -128,6 +128,37 @@ def forward_flops(cfg: ZImageConfig, n_image: int, n_caption: int) -> float:
     return main + refiners + 2 * n_image * d * 64 * 2
 
 
+def shared_copy(engine: S3DiT) -> S3DiT:
+    """Another S3DiT holding the same weight tensors (no copy), for a variant that rewires its modules."""
+    from zimage.fp8 import Fp8Linear
+
+    with torch.device("meta"):
+        twin = S3DiT(engine.cfg, attention=engine.attention.backend)
+        if any(isinstance(m, Fp8Linear) for m in engine.modules()):
+            twin.use_fp8_matmuls()
+    twin.load_state_dict(engine.state_dict(), assign=True)
+    return twin.eval().requires_grad_(False)
+
+
+def kernel_breakdown(fn) -> dict[str, float]:
+    """GPU time of one call by kernel kind (ms): matmuls, attention, everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if not us or event.key.startswith(("aten::", "cuda", "Memcpy", "Memset")) or "profiler" in event.key.lower():
+            continue
+        name = event.key.lower()
+        kind = ("attention" if any(k in name for k in ("cudnn", "fmha", "flash", "attention", "sdpa")) else
+                "gemm" if any(k in name for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "scaled_mm")) else "other")
+        kinds[kind] += us / 1000
+    return kinds
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", required=True)
@@ -136,6 +167,10 @@ def main():
     parser.add_argument("--caption", type=int, default=128)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile-sizes", type=int, nargs="*", default=[1024],
+                        help="sizes that also time the compiled variants (each new shape compiles anew)")
+    parser.add_argument("--no-fp8", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="kernel-time breakdown of each variant at batch 1")
     parser.add_argument("--tiny", action="store_true", help="tiny config, for a dry run of the script")
     parser.add_argument("--skip-diffusers-above", type=int, default=2048)
     parser.add_argument("--device", default="cuda")
@@ -154,7 +189,17 @@ def main():
     reference = diffusers_model(engine)
     from zimage.attention import Attention
 
-    rows = []
+    compiled = shared_copy(engine)
+    compiled.compile_blocks()
+    fp8 = fp8_compiled = None
+    if not args.no_fp8:
+        fp8 = shared_copy(engine)
+        fp8.use_fp8_matmuls()
+        fp8_compiled = shared_copy(fp8)
+        fp8_compiled.compile_blocks()
+    weights_all = torch.cuda.memory_allocated() if device == "cuda" else 0
+
+    rows, profiles = [], {}
     g = torch.Generator(device="cpu").manual_seed(0)
     for size in args.sizes:
         for batch in args.batches:
@@ -169,26 +214,47 @@ def main():
             if size <= args.skip_diffusers_above:
                 runs["diffusers"] = lambda: reference(list(latents.unsqueeze(2).unbind(0)), 1 - sigma, captions,
                                                       return_dict=False)[0]
+            if fp8 is not None:
+                runs["engine_fp8"] = lambda: fp8(latents, sigma, captions)
+            if size in args.compile_sizes:
+                runs["engine_compiled"] = lambda: compiled(latents, sigma, captions)
+                if fp8_compiled is not None:
+                    runs["engine_fp8_compiled"] = lambda: fp8_compiled(latents, sigma, captions)
             row = {"size": size, "batch": batch, "tokens": (size // 16) ** 2 + args.caption}
             with torch.no_grad():
                 outs = {}
                 for name, fn in runs.items():
+                    t0 = time.perf_counter()
                     outs[name] = fn()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    row[f"{name}_first_call_s"] = time.perf_counter() - t0  # includes compilation
                     row[f"{name}_ms"], row[f"{name}_spread_ms"] = time_cuda(fn, args.warmup, args.iters)
-                    row[f"{name}_peak_gib"] = peak_above(fn, weights)
+                    row[f"{name}_peak_gib"] = peak_above(fn, weights_all)
+                    if args.profile and batch == 1 and device == "cuda" and name.startswith("engine"):
+                        profiles[f"{name}@{size}"] = kernel_breakdown(fn)
                 # the same modules on the flash kernel: what choosing cuDNN first is worth
                 saved = engine.attention.kernels
                 engine.attention.kernels = Attention("flash").kernels
                 row["engine_flash_ms"], _ = time_cuda(runs["engine"], args.warmup, args.iters)
                 engine.attention.kernels = saved
                 ref = outs["comfyui"].float()
-                row["engine_vs_comfyui_rel_err"] = ((outs["engine"].float() - ref).norm() / ref.norm()).item()
+                for name in outs:
+                    if name.startswith("engine"):
+                        row[f"{name}_vs_comfyui_rel_err"] = ((outs[name].float() - ref).norm() / ref.norm()).item()
+                # what the fast paths change against the eager bf16 engine
+                base = outs["engine"].float()
+                for name in ("engine_compiled", "engine_fp8", "engine_fp8_compiled"):
+                    if name in outs:
+                        row[f"{name}_vs_engine_rel_err"] = ((outs[name].float() - base).norm() / base.norm()).item()
                 if "diffusers" in outs:
                     d = -torch.stack([o.float() for o in outs["diffusers"]]).squeeze(2)
                     row["engine_vs_diffusers_rel_err"] = ((outs["engine"].float() - d).norm() / d.norm()).item()
             flops = batch * forward_flops(cfg, (size // 16) ** 2, args.caption)
-            row["engine_tflops"] = flops / row["engine_ms"] / 1e9
-            row["engine_over_comfyui"] = row["engine_ms"] / row["comfyui_ms"]
+            for name in runs:
+                if name.startswith("engine"):
+                    row[f"{name}_tflops"] = flops / row[f"{name}_ms"] / 1e9
+                    row[f"{name}_over_comfyui"] = row[f"{name}_ms"] / row["comfyui_ms"]
             if "diffusers_ms" in row:
                 row["engine_over_diffusers"] = row["engine_ms"] / row["diffusers_ms"]
             rows.append(row)
@@ -196,26 +262,46 @@ def main():
 
     result = {
         "what": "S3-DiT forward, random full-size bf16 weights, caption tokens per sample: %d" % args.caption,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-        "weights_gib": weights / GiB, "rows": rows,
+        "weights_gib": weights / GiB, "rows": rows, "kernel_ms_by_kind": profiles,
     }
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(args.out, f"forward-{stamp}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    lines = [f"# S3-DiT forward: engine vs ComfyUI native vs diffusers", "",
+    write_table(result, os.path.join(args.out, f"forward-{stamp}.md"))
+
+
+def write_table(result: dict, path: str) -> None:
+    nan = float("nan")
+    lines = ["# S3-DiT forward: engine vs ComfyUI native vs diffusers", "",
              f"{result['device']}, torch {result['torch']}, {result['date']}, `{result['command']}`", "",
-             "| size | batch | engine ms | engine (flash) ms | ComfyUI ms | diffusers ms | engine/ComfyUI | engine/diffusers "
-             "| engine TFLOP/s | peak GiB engine / ComfyUI / diffusers | rel err vs ComfyUI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['size']} | {r['batch']} | {r['engine_ms']:.1f} | {r['engine_flash_ms']:.1f} | "
-                     f"{r['comfyui_ms']:.1f} | {r.get('diffusers_ms', float('nan')):.1f} | {r['engine_over_comfyui']:.2f} | "
-                     f"{r.get('engine_over_diffusers', float('nan')):.2f} | {r['engine_tflops']:.0f} | "
-                     f"{r['engine_peak_gib']:.2f} / {r['comfyui_peak_gib']:.2f} / {r.get('diffusers_peak_gib', float('nan')):.2f} | "
-                     f"{r['engine_vs_comfyui_rel_err']:.1e} |")
-    with open(os.path.join(args.out, f"forward-{stamp}.md"), "w") as f:
+             "Milliseconds per forward (median of CUDA-event timings). Ratios are to native ComfyUI eager, same run.", "",
+             "| size | batch | engine | compiled | fp8 | fp8 compiled | engine (flash attn) | ComfyUI | diffusers "
+             "| engine/ComfyUI | compiled/ComfyUI | fp8 compiled/ComfyUI | engine TFLOP/s | peak GiB engine / ComfyUI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['size']} | {r['batch']} | {r['engine_ms']:.1f} | {r.get('engine_compiled_ms', nan):.1f} | "
+            f"{r.get('engine_fp8_ms', nan):.1f} | {r.get('engine_fp8_compiled_ms', nan):.1f} | {r['engine_flash_ms']:.1f} | "
+            f"{r['comfyui_ms']:.1f} | {r.get('diffusers_ms', nan):.1f} | {r['engine_over_comfyui']:.2f} | "
+            f"{r.get('engine_compiled_over_comfyui', nan):.2f} | {r.get('engine_fp8_compiled_over_comfyui', nan):.2f} | "
+            f"{r['engine_tflops']:.0f} | {r['engine_peak_gib']:.2f} / {r['comfyui_peak_gib']:.2f} |")
+    lines += ["", "Relative error of the velocity (‖a − b‖ / ‖b‖):", "",
+              "| size | batch | engine vs ComfyUI | engine vs diffusers | compiled vs engine | fp8 vs engine | fp8 compiled vs engine |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['size']} | {r['batch']} | {r['engine_vs_comfyui_rel_err']:.1e} | "
+                     f"{r.get('engine_vs_diffusers_rel_err', nan):.1e} | {r.get('engine_compiled_vs_engine_rel_err', nan):.1e} | "
+                     f"{r.get('engine_fp8_vs_engine_rel_err', nan):.1e} | {r.get('engine_fp8_compiled_vs_engine_rel_err', nan):.1e} |")
+    if result.get("kernel_ms_by_kind"):
+        lines += ["", "GPU kernel time by kind (ms, one forward, batch 1):", "", "| variant@size | gemm | attention | other |",
+                  "|---|---|---|---|"]
+        for name, k in result["kernel_ms_by_kind"].items():
+            lines.append(f"| {name} | {k['gemm']:.1f} | {k['attention']:.1f} | {k['other']:.1f} |")
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

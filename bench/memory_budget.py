@@ -51,6 +51,7 @@ def main():
     parser.add_argument("--models", required=True, help="folder for the random transformer file (reused)")
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--compile", action="store_true", help="ZImageLoader's compile option")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
 
@@ -97,20 +98,28 @@ def main():
     vae = comfy.sd.VAE(sd=random_state(vae_shapes, torch.float32, 2))
     setup_s = time.time() - t0
 
-    (model,) = nodes["ZImageLoader"]().load(name, "default", "auto")
+    (model,) = nodes["ZImageLoader"]().load(name, "default", "auto", args.compile)
+
+    def now():
+        torch.cuda.synchronize()
+        return time.time()
+
     runs = []
     for i in range(args.generations):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        t = time.time()
+        t = now()
         positive, negative = nodes["ZImageTextEncode"]().encode(clip, f"a lighthouse at dusk, take {i}", "",
                                                                  "official")["result"]
+        t_encoded = now()
         (latent,) = nodes["ZImageLatent"]().generate(args.size, args.size, 1, "custom")
         (samples,) = nodes["ZImageSampler"]().sample(model, positive, latent, i, "turbo", 8, 0.0, 3.0, 1.0, 0.0, 1.0,
                                                     negative)
+        t_sampled = now()
         image = vae.decode(samples["samples"])
-        torch.cuda.synchronize()
-        runs.append({"generation": i + 1, "seconds": time.time() - t,
+        t_done = now()
+        runs.append({"generation": i + 1, "seconds": t_done - t, "text_encode_s": t_encoded - t,
+                     "sampling_s": t_sampled - t_encoded, "vae_decode_s": t_done - t_sampled,
                      "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
                      "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
                      "image": list(image.shape), "finite": bool(torch.isfinite(image).all()),
@@ -122,9 +131,9 @@ def main():
                       f"under a {args.budget_gb:g} GiB ComfyUI VRAM budget",
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-              "budget_gib": args.budget_gb, "setup_seconds": setup_s, "runs": runs}
+              "budget_gib": args.budget_gb, "compile": args.compile, "setup_seconds": setup_s, "runs": runs}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"memory-{args.budget_gb:g}gb.json"), "w") as f:
+    with open(os.path.join(args.out, f"memory-{args.budget_gb:g}gb{'-compiled' if args.compile else ''}.json"), "w") as f:
         json.dump(result, f, indent=2)
 
 

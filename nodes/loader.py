@@ -68,9 +68,13 @@ class ZImageLoader:
                              "fp8_e4m3fn: the blocks' matrices in fp8, computed in bf16, about half the memory."}),
             "attention": (list(BACKENDS), {"default": "auto", "tooltip":
                           "Attention kernel, chosen once at load. auto prefers cuDNN, then flash, then the others."}),
+        }, "optional": {  # optional, so that workflows saved before this option still load
+            "compile": ("BOOLEAN", {"default": False, "tooltip":
+                        "torch.compile each transformer block: about 30% faster sampling on a GPU once compiled. "
+                        "Needs Triton; the first run at each new image size spends 15-30 s compiling."}),
         }}
 
-    def load(self, model_name, weight_dtype, attention):
+    def load(self, model_name, weight_dtype, attention, compile=False):
         path = resolve(model_name)
         try:
             info = inspect_checkpoint(path)
@@ -91,4 +95,7 @@ class ZImageLoader:
             raise ValueError(f"ZImageLoader: {e}") from None
         logging.info(f"Z-Image: loaded {model_name} ({info.format} format, {info.variant}, stored {info.stored_dtype}) "
                      f"computing in {compute}" + (f", stored as {storage}" if storage else ""))
-        return (comfy_model(transformer, storage),)
+        model = comfy_model(transformer, storage)
+        if compile:
+            transformer.compile_blocks()  # after ComfyUI's ops are in place, so the graphs include its casts
+        return (model,)

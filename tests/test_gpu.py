@@ -60,3 +60,52 @@ def test_sampling_on_cuda_starts_from_the_cpu_noise(cpu_model):
     cpu = sample(cpu_model, noise, flow_sigmas(4, 3.0), captions)
     gpu = sample(on_cuda(cpu_model, torch.float32, "math"), noise, flow_sigmas(4, 3.0), captions)
     assert rel_err(gpu.cpu(), cpu) < 1e-4
+
+
+def test_compiled_blocks_match_eager_on_cuda(cpu_model):
+    """torch.compile fuses each block's elementwise work; the function stays the same (bf16 rounding apart)."""
+    g = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, 16, 48, 64, generator=g).cuda().bfloat16()
+    captions = [torch.randn(n, CFG.cap_feat_dim, generator=g).cuda().bfloat16() for n in (50, 128)]
+    sigma = torch.tensor([0.9, 0.4], device="cuda")
+    eager = on_cuda(cpu_model, torch.bfloat16, "auto")
+    compiled = on_cuda(cpu_model, torch.bfloat16, "auto")
+    compiled.compile_blocks()
+    with torch.no_grad():
+        expected = eager(latents, sigma, captions).float()
+        got = compiled(latents, sigma, captions).float()
+        again = compiled(latents[:1], sigma[:1], captions[:1]).float()  # another shape: compiles anew, still right
+    assert rel_err(got, expected) < 1e-2
+    assert rel_err(again, expected[:1]) < 1e-2
+
+
+def test_fp8_scaled_mm_matches_the_dequantized_product():
+    """The GPU's rowwise-scaled FP8 GEMM computes what the CPU path computes from the same e4m3 codes."""
+    from zimage.fp8 import Fp8Linear, quantize_rows, scaled_mm_supported
+
+    if not scaled_mm_supported(torch.device("cuda")):
+        pytest.skip("rowwise FP8 GEMMs need compute capability 8.9 or newer")
+    g = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(768, 2048, bias=False)
+    linear.weight.data = torch.randn(2048, 768, generator=g) / 768 ** 0.5
+    fp8 = Fp8Linear.from_linear(linear).cuda()
+    x = torch.randn(3, 100, 768, generator=g).cuda().bfloat16()
+    x_q, x_scale = quantize_rows(x.reshape(-1, 768))
+    expected = (x_q.float() * x_scale) @ (fp8.weight.float() * fp8.weight_scale).t()
+    got = fp8(x).float().reshape(-1, 2048)
+    assert rel_err(got, expected) < 1e-2  # bf16 output rounding
+    assert rel_err(got, linear.cuda()(x.float()).reshape(-1, 2048)) < 0.06
+
+
+def test_fp8_model_on_cuda_stays_close_to_float32(cpu_model):
+    g = torch.Generator().manual_seed(6)
+    latents = torch.randn(1, 16, 64, 64, generator=g)
+    captions = [torch.randn(96, CFG.cap_feat_dim, generator=g)]
+    sigma = torch.tensor([0.6])
+    model = on_cuda(cpu_model, torch.bfloat16, "auto")
+    model.use_fp8_matmuls()
+    with torch.no_grad():
+        expected = cpu_model(latents, sigma, captions)
+        got = model(latents.cuda(), sigma.cuda(), [captions[0].cuda()]).float().cpu()
+    assert torch.isfinite(got).all()
+    assert rel_err(got, expected) < 0.1

@@ -267,11 +267,12 @@ def _count(plan, stack: str) -> int:
 
 
 def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                     attention: str = "auto") -> S3DiT:
+                     attention: str = "auto", fp8_matmuls: bool = False, compile: bool = False) -> S3DiT:
     """Load a Z-Image transformer file or diffusers folder into an S3DiT on `device`.
 
     dtype None keeps the stored precision (fp8 files load as bfloat16). Tensors are read one at a time
     from the memory-mapped files and written straight into the model on `device`.
+    attention, fp8_matmuls, compile: the kernels the forward uses, chosen here once (see S3DiT).
     """
     from safetensors import safe_open
 
@@ -311,4 +312,8 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
             setattr(module, param_name, torch.nn.Parameter(tensor, requires_grad=False))
     finally:
         handles.clear()
+    if fp8_matmuls:
+        model.use_fp8_matmuls()
+    if compile:
+        model.compile_blocks()
     return model.eval()

@@ -1,0 +1,93 @@
+"""Fast paths: FP8 matmuls (e4m3 weights, per-row scales, activations per token) and compiled blocks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from safetensors.torch import save_file
+
+from helpers import randomize_, rel_err
+from zimage import S3DiT, ZImageConfig, load_transformer
+from zimage.fp8 import E4M3, Fp8Linear, quantize_rows
+
+CFG = ZImageConfig.tiny()
+
+
+def test_rowwise_quantization_keeps_each_row_within_e4m3_rounding():
+    g = torch.Generator().manual_seed(0)
+    # rows of very different magnitudes: one scale per row keeps the small rows' precision
+    x = torch.randn(64, 96, generator=g) * torch.logspace(-4, 3, 64)[:, None]
+    q, scale = quantize_rows(x)
+    assert q.dtype == E4M3 and scale.shape == (64, 1)
+    back = q.float() * scale
+    row_err = (back - x).norm(dim=1) / x.norm(dim=1)
+    assert row_err.max() < 2 ** -4  # e4m3 keeps 3 mantissa bits: at most 1/16 relative per element
+    assert q.float().abs().amax(dim=1).max() == 448.0  # the largest element of each row lands on the top code
+
+
+def test_fp8_linear_equals_the_dequantized_product():
+    g = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(96, 48, bias=False)
+    linear.weight.data = torch.randn(48, 96, generator=g)
+    fp8 = Fp8Linear.from_linear(linear)
+    x = torch.randn(2, 10, 96, generator=g)
+    x_q, x_scale = quantize_rows(x.reshape(-1, 96))
+    expected = (x_q.float() * x_scale) @ (fp8.weight.float() * fp8.weight_scale).t()
+    got = fp8(x)
+    assert got.shape == (2, 10, 48)
+    assert rel_err(got.reshape(-1, 48), expected) < 1e-6
+    err = rel_err(got, linear(x))
+    assert 1e-3 < err < 0.06  # quantized (not a silent bf16 path), and no worse than e4m3 rounding
+
+
+def test_fp8_linear_refuses_a_bias():
+    with pytest.raises(ValueError, match="bias-free"):
+        Fp8Linear.from_linear(torch.nn.Linear(16, 16, bias=True))
+
+
+def test_fp8_model_converts_only_the_block_matrices_and_stays_close():
+    model = randomize_(S3DiT(CFG), seed=2).eval()
+    reference = S3DiT(CFG).eval()
+    reference.load_state_dict(model.state_dict())
+    model.use_fp8_matmuls()
+    for name, module in model.named_modules():
+        if name.startswith(("layers.", "noise_refiner.", "context_refiner.")) and name.endswith(
+                ("attention.qkv", "attention.out", "w1", "w2", "w3")):
+            assert isinstance(module, Fp8Linear), name
+    # embedders, adaLN and the final layer keep full precision
+    assert model.x_embedder.weight.dtype == torch.float32
+    assert model.layers[0].adaLN_modulation[0].weight.dtype == torch.float32
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 16, 8, 12, generator=g)
+    captions = [torch.randn(n, CFG.cap_feat_dim, generator=g) for n in (9, 40)]
+    sigma = torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        err = rel_err(model(latents, sigma, captions), reference(latents, sigma, captions))
+    assert 1e-3 < err < 0.1
+
+
+def test_load_transformer_chooses_fp8_matmuls_at_load(tmp_path):
+    source = randomize_(S3DiT(CFG), seed=4).eval()
+    path = os.path.join(tmp_path, "z_image_turbo_bf16.safetensors")
+    save_file(source.state_dict(), path)  # the engine's names are the ComfyUI single file's
+    model = load_transformer(path, dtype=torch.float32, fp8_matmuls=True)
+    assert isinstance(model.layers[0].feed_forward.w1, Fp8Linear)
+    expected = Fp8Linear.from_linear(source.layers[0].feed_forward.w1)
+    assert torch.equal(model.layers[0].feed_forward.w1.weight.float(), expected.weight.float())
+
+
+def test_compiled_blocks_compute_the_eager_function():
+    """compile_blocks changes the kernels, not the function: same velocity on the CPU (inductor's C++ backend)."""
+    model = randomize_(S3DiT(CFG), seed=7).eval()
+    eager = S3DiT(CFG).eval()
+    eager.load_state_dict(model.state_dict())
+    model.compile_blocks()
+    g = torch.Generator().manual_seed(8)
+    latents = torch.randn(2, 16, 8, 12, generator=g)
+    captions = [torch.randn(n, CFG.cap_feat_dim, generator=g) for n in (9, 40)]
+    sigma = torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        assert rel_err(model(latents, sigma, captions), eager(latents, sigma, captions)) < 1e-5
