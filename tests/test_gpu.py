@@ -109,3 +109,27 @@ def test_fp8_model_on_cuda_stays_close_to_float32(cpu_model):
         got = model(latents.cuda(), sigma.cuda(), [captions[0].cuda()]).float().cpu()
     assert torch.isfinite(got).all()
     assert rel_err(got, expected) < 0.1
+
+
+def test_streamed_weights_give_the_resident_result_and_stay_on_the_host():
+    """Blocks copied in one ahead of use compute exactly what resident blocks compute."""
+    cfg = ZImageConfig(dim=768, n_heads=6, n_layers=5, n_refiner_layers=2, ffn_hidden=2048, cap_feat_dim=256)
+    source = randomize_(S3DiT(cfg), seed=8).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(7)
+    latents = torch.randn(2, 16, 32, 48, generator=g).cuda().bfloat16()
+    captions = [torch.randn(n, cfg.cap_feat_dim, generator=g).cuda().bfloat16() for n in (30, 70)]
+    sigma = torch.tensor([0.7, 0.2], device="cuda")
+    resident = S3DiT(cfg).to("cuda", torch.bfloat16).eval()
+    resident.load_state_dict(source.state_dict())
+    streamed = S3DiT(cfg).to(torch.bfloat16).eval()
+    streamed.load_state_dict(source.state_dict())
+    streamed.stream_weights("cuda")
+    with torch.no_grad():
+        expected = resident(latents, sigma, captions)
+        for _ in range(2):  # the second forward reuses the buffers
+            assert torch.equal(streamed(latents, sigma, captions), expected)
+    for i in range(1, cfg.n_layers):
+        weight = streamed.layers[i].feed_forward.w2.weight
+        assert weight.device.type == "cpu" and weight.is_pinned()
+        assert torch.equal(weight, source.layers[i].feed_forward.w2.weight)
+    assert streamed.x_embedder.weight.is_cuda and streamed.layers[0].attention.qkv.weight.is_cuda  # resident

@@ -22,6 +22,7 @@ from einops import rearrange
 from .attention import Attention
 from .config import ZImageConfig
 from .fp8 import use_fp8_linears
+from .streaming import WeightStreamer
 from .rope import apply_rope, inverse_frequencies, rope_angles
 
 
@@ -160,6 +161,7 @@ class S3DiT(nn.Module):
         self.inv_freqs = inverse_frequencies(cfg.rope_axes, cfg.rope_theta)
         self._layout_key = None
         self._layout = None
+        self._streamer: WeightStreamer | None = None
 
     def use_fp8_matmuls(self) -> None:
         """Compute the blocks' matrix multiplies in FP8: e4m3 weights with per-row scales, activations quantized
@@ -178,6 +180,21 @@ class S3DiT(nn.Module):
         setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 256)
         for block in (*self.noise_refiner, *self.context_refiner, *self.layers):
             block.compile(dynamic=False)
+
+    def stream_weights(self, device) -> None:
+        """Run on `device` (CUDA) holding about five blocks' weights there (the first of each stack and two
+        buffers): the other blocks stay in pinned host memory and are copied in one ahead of use, overlapping
+        compute. For cards smaller than the model."""
+        stacks = [self.noise_refiner, self.context_refiner, self.layers]
+        self._streamer = WeightStreamer(stacks, device)
+        for name, module in self.named_children():
+            if all(module is not stack for stack in stacks):
+                module.to(device)
+        for p in (self.x_pad_token, self.cap_pad_token):
+            p.data = p.data.to(device)
+
+    def _blocks(self, stack: nn.ModuleList):
+        return iter(stack) if self._streamer is None else self._streamer.run(stack)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,7 +224,7 @@ class S3DiT(nn.Module):
         if n_image_pad:
             # .to(image): a host's partial offloading may leave the root's pad tokens on another device
             image = torch.cat((image, self.x_pad_token.to(image).expand(batch, n_image_pad, -1)), dim=1)
-        for block in self.noise_refiner:
+        for block in self._blocks(self.noise_refiner):
             image = block(image, layout.image_rope, None, t_emb)
 
         # caption stream: each caption padded to its own multiple of 32, the batch to the longest
@@ -216,12 +233,12 @@ class S3DiT(nn.Module):
         caption = self.cap_pad_token.to(caption_tokens).expand(batch, caption_len, -1).clone()
         for i, part in enumerate(caption_tokens.split(caption_lens)):
             caption[i, : len(part)] = part
-        for block in self.context_refiner:
+        for block in self._blocks(self.context_refiner):
             caption = block(caption, layout.caption_rope, layout.caption_mask)
 
         # one stream: [image, caption]; a sample's keys end where its own caption padding ends
         x = torch.cat((image, caption), dim=1)
-        for block in self.layers:
+        for block in self._blocks(self.layers):
             x = block(x, layout.unified_rope, layout.unified_mask, t_emb)
 
         out = self.final_layer(x[:, :n_image], t_emb)
