@@ -121,7 +121,7 @@ def save_fp8_file(sd_diffusers, path, scaled: bool, prefix=""):
     marker; every key, the marker included, gets `prefix`."""
     sd = {}
     for k, v in diffusers_to_comfy(sd_diffusers).items():
-        if v.ndim == 2 and k.split(".")[0] in ("layers", "noise_refiner", "context_refiner"):
+        if v.ndim == 2 and k.split(".")[0] in ("layers", "noise_refiner", "context_refiner", "siglip_refiner"):
             if scaled:
                 scale = v.abs().max().float() / 448.0
                 sd[k] = (v / scale).to(torch.float8_e4m3fn)
