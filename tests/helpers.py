@@ -45,13 +45,31 @@ def diffusers_reference(cfg: ZImageConfig, seed: int = 0):
         all_patch_size=(cfg.patch_size,), all_f_patch_size=(1,), in_channels=cfg.in_channels, dim=cfg.dim,
         n_layers=cfg.n_layers, n_refiner_layers=cfg.n_refiner_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
         norm_eps=cfg.norm_eps, qk_norm=True, cap_feat_dim=cfg.cap_feat_dim, rope_theta=cfg.rope_theta,
-        t_scale=cfg.t_scale, axes_dims=list(cfg.rope_axes), axes_lens=[1536, 512, 512])
+        t_scale=cfg.t_scale, axes_dims=list(cfg.rope_axes), axes_lens=list(cfg.rope_lengths),
+        siglip_feat_dim=cfg.siglip_feat_dim)
     return randomize_(model, seed).eval()
 
 
 def diffusers_velocity(model, latents, sigma, captions) -> torch.Tensor:
     """The flow velocity from diffusers' transformer: it takes t = 1 - sigma and its output is negated."""
     out = model(list(latents.unsqueeze(2).unbind(0)), 1 - sigma, list(captions), return_dict=False)[0]
+    return -torch.stack(out).squeeze(2)
+
+
+def diffusers_omni_inputs(latents, captions, references) -> dict:
+    """The Omni transformer's keyword inputs as ZImageOmniPipeline builds them for one call: per sample the
+    reference latents then the target (each [C, 1, H, W]), the caption chunks, the SigLIP features with None
+    in the target's place (None for a sample without references), noise mask 0 for references, 1 for the target."""
+    return dict(
+        x=[[r.latent.unsqueeze(1) for r in refs] + [target.unsqueeze(1)] for refs, target in zip(references, latents)],
+        cap_feats=[list(chunks) for chunks in captions],
+        siglip_feats=[[r.siglip for r in refs] + [None] if refs else None for refs in references],
+        image_noise_mask=[[0] * len(refs) + [1] for refs in references])
+
+
+def diffusers_omni_velocity(model, latents, sigma, captions, references) -> torch.Tensor:
+    """The flow velocity from diffusers' Omni transformer (t = 1 - sigma, output negated, as for the base)."""
+    out = model(t=1 - sigma, return_dict=False, **diffusers_omni_inputs(latents, captions, references))[0]
     return -torch.stack(out).squeeze(2)
 
 
@@ -103,7 +121,7 @@ def save_fp8_file(sd_diffusers, path, scaled: bool, prefix=""):
     marker; every key, the marker included, gets `prefix`."""
     sd = {}
     for k, v in diffusers_to_comfy(sd_diffusers).items():
-        if v.ndim == 2 and k.split(".")[0] in ("layers", "noise_refiner", "context_refiner"):
+        if v.ndim == 2 and k.split(".")[0] in ("layers", "noise_refiner", "context_refiner", "siglip_refiner"):
             if scaled:
                 scale = v.abs().max().float() / 448.0
                 sd[k] = (v / scale).to(torch.float8_e4m3fn)

@@ -18,16 +18,20 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import (comfy_header_spec, diffusers_reference, diffusers_to_comfy, diffusers_velocity, rel_err,
-                     save_comfy_file, save_diffusers_folder, save_fp8_file, write_safetensors_by_hand)
-from zimage import CheckpointError, S3DiT, ZImageConfig, convert_state_dict, inspect_checkpoint, load_transformer
+from helpers import (comfy_header_spec, diffusers_omni_velocity, diffusers_reference, diffusers_to_comfy,
+                     diffusers_velocity, rel_err, save_comfy_file, save_diffusers_folder, save_fp8_file,
+                     write_safetensors_by_hand)
+from zimage import (CheckpointError, Reference, S3DiT, ZImageConfig, convert_state_dict, inspect_checkpoint,
+                    load_transformer)
 
 TINY = ZImageConfig.tiny()
 # test_model_parity.py's MID: the released head (128) and RoPE split (32, 48, 48); fewer, narrower layers
 MID = ZImageConfig(dim=384, n_heads=3, n_layers=2, n_refiner_layers=1, ffn_hidden=1024, cap_feat_dim=96,
                    t_embed_dim=256)
+# Omni-Base / Edit: the same model with SigLIP embedder, refiner and pad token
+TINY_OMNI = ZImageConfig.tiny(siglip_feat_dim=24)
 PREFIX = "model.diffusion_model."
-BLOCK_STACKS = ("layers", "noise_refiner", "context_refiner")
+BLOCK_STACKS = ("layers", "noise_refiner", "context_refiner", "siglip_refiner")
 
 # format -> (stored dtype, format inspect_checkpoint reports)
 FORMATS = {
@@ -67,6 +71,17 @@ def velocity_inputs(cfg: ZImageConfig):
     return latents, torch.tensor([0.8, 0.3]), captions
 
 
+def omni_velocity_inputs(cfg: ZImageConfig):
+    """A batch of two with one and two reference images, captions in chunks."""
+    g = torch.Generator().manual_seed(12)
+    latents = torch.randn(2, cfg.in_channels, 6, 8, generator=g)
+    captions = [[torch.randn(n, cfg.cap_feat_dim, generator=g) for n in lens] for lens in ((4, 20, 3), (4, 2, 40, 3))]
+    references = [[Reference(torch.randn(cfg.in_channels, h, w, generator=g),
+                             torch.randn(rows, cols, cfg.siglip_feat_dim, generator=g)) for h, w, rows, cols in refs]
+                  for refs in ([(8, 6, 4, 3)], [(6, 6, 2, 2), (4, 10, 2, 5)])]
+    return latents, torch.tensor([0.6, 0.2]), captions, references
+
+
 class Saved:
     def __init__(self, cfg, seed, root, scale_blocks: float = 1.0):
         self.cfg = cfg
@@ -82,9 +97,14 @@ class Saved:
         self.inputs = velocity_inputs(cfg)
         with torch.no_grad():
             self.velocity = diffusers_velocity(self.reference, *self.inputs)
+        self.omni = None  # Omni models: (latents, sigma, captions, references) and the velocity with references
+        if cfg.siglip_feat_dim is not None:
+            inputs = omni_velocity_inputs(cfg)
+            with torch.no_grad():
+                self.omni = (inputs, diffusers_omni_velocity(self.reference, *inputs))
 
 
-@pytest.fixture(scope="module", params=[TINY, MID], ids=["tiny", "mid"])
+@pytest.fixture(scope="module", params=[TINY, MID, TINY_OMNI], ids=["tiny", "mid", "tiny-omni"])
 def saved(request, tmp_path_factory):
     return Saved(request.param, seed=5, root=tmp_path_factory.mktemp("formats"))
 
@@ -150,6 +170,11 @@ def test_velocity_matches_reference(saved, fmt):
     assert err <= VELOCITY_TOLERANCE[fmt], err
     if FORMATS[fmt][0] != torch.float32:
         assert err > 1e-6  # the stored precision is really in effect (a float32 side path would hide here)
+    if saved.omni is not None:  # an Omni file: its SigLIP weights too, through reference images
+        (latents, sigma, captions, references), expected = saved.omni
+        with torch.no_grad():
+            err = rel_err(model(latents, sigma, captions, references=references), expected)
+        assert err <= VELOCITY_TOLERANCE[fmt], err
 
 
 def test_scaled_fp8_beats_plain_fp8_on_small_weights(tmp_path):
@@ -218,7 +243,7 @@ def test_inspect_detects_format_and_config(saved, fmt):
     info = inspect_checkpoint(saved.paths[fmt])
     stored, file_format = FORMATS[fmt]
     assert info.format == file_format
-    assert info.variant == "z-image"
+    assert info.variant == ("z-image-omni" if saved.cfg.siglip_feat_dim else "z-image")
     assert info.stored_dtype == stored
     assert info.config == saved.cfg
     assert len(info.files) == (3 if file_format == "diffusers" else 1)
@@ -247,6 +272,25 @@ def test_full_size_detected_from_header_alone(tmp_path, prefix):
     with torch.device("meta"):
         model = S3DiT(ZImageConfig())
     assert set(info.plan) == set(params(model))
+
+
+@pytest.mark.parametrize("prefix", ["", PREFIX])
+def test_full_size_omni_detected_from_header_alone(tmp_path, prefix):
+    """Omni-Base / Edit at full size: the SigLIP width (1152) comes from siglip_embedder's weight."""
+    omni = ZImageConfig(siglip_feat_dim=1152)
+    spec = comfy_header_spec(omni, "BF16", prefix)
+    assert spec[prefix + "siglip_embedder.1.weight"] == ("BF16", [3840, 1152])
+    assert prefix + "siglip_refiner.1.attention.qkv.weight" in spec and prefix + "siglip_pad_token" in spec
+    path = str(tmp_path / "z_image_omni_base_bf16.safetensors")
+    write_safetensors_by_hand(path, spec)
+    info = inspect_checkpoint(path)
+    assert info.config == omni
+    assert (info.format, info.variant) == ("comfyui", "z-image-omni")
+    with torch.device("meta"):
+        model = S3DiT(omni)
+    assert set(info.plan) == set(params(model))
+    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith("siglip_")) == (
+        1152 + 1152 * 3840 + 3840 + 3840 + 2 * (4 * 3840 * 3840 + 3 * 3840 * 10240 + 2 * 128 + 4 * 3840))
 
 
 def test_hand_written_file_loads(tmp_path):
@@ -483,13 +527,52 @@ def test_refusal_says_what_the_file_is(tiny, tmp_path, case, nothing_unpickled):
         assert os.path.basename(path.rstrip("/")) in message, message
 
 
+@pytest.fixture(scope="module")
+def tiny_omni(tmp_path_factory):
+    return Saved(TINY_OMNI, seed=13, root=tmp_path_factory.mktemp("omni_refusals"))
+
+
+def _omni_file_without(*removed):
+    def build(tmp_path, omni):
+        sd = {k: v.to(torch.bfloat16) for k, v in diffusers_to_comfy(omni.sd).items()
+              if not any(k.startswith(r) for r in removed)}
+        path = tmp_path / "z_image_omni_base_bf16.safetensors"
+        save_file(sd, path)
+        return path
+    return build
+
+
+def _omni_folder_without_to_v(tmp_path, omni):
+    sd = {k: v for k, v in omni.sd.items() if k != "siglip_refiner.0.attention.to_v.weight"}
+    return save_diffusers_folder(sd, str(tmp_path / "Z-Image-Omni-Base"))
+
+
+OMNI_REFUSALS = {
+    "no SigLIP embedder weight": (_omni_file_without("siglip_embedder.1.weight"),
+                                  ["not a complete Z-Image transformer", "siglip_embedder.1.weight is missing"]),
+    "no SigLIP refiner": (_omni_file_without("siglip_refiner."), ["incomplete Z-Image Omni/Edit", "0 blocks"]),
+    "no SigLIP pad token": (_omni_file_without("siglip_pad_token"), ["missing", "siglip_pad_token"]),
+    "folder missing to_v": (_omni_folder_without_to_v, ["incomplete", "siglip_refiner.0.attention.qkv.weight"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OMNI_REFUSALS))
+def test_broken_omni_files_are_refused(tiny_omni, tmp_path, case):
+    build, words = OMNI_REFUSALS[case]
+    path = str(build(tmp_path, tiny_omni))
+    with pytest.raises(CheckpointError) as refused:
+        load_transformer(path, dtype=torch.float32)
+    for word in words:
+        assert word in str(refused.value), (word, str(refused.value))
+
+
 def test_refusals_are_value_errors():
     assert issubclass(CheckpointError, ValueError)
 
 
 # --- 6. key conversion ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [TINY, MID], ids=["tiny", "mid"])
+@pytest.mark.parametrize("cfg", [TINY, MID, TINY_OMNI], ids=["tiny", "mid", "tiny-omni"])
 def test_convert_state_dict_formats_agree(cfg):
     sd = diffusers_reference(cfg, seed=10).state_dict()
     comfy = diffusers_to_comfy(sd)

@@ -2,6 +2,7 @@
 
 The whole public API:
     ZImageConfig, S3DiT                  the transformer and its shape
+    Reference, omni_prompt_chunks        Omni-Base / Edit inputs: a reference image, the caption's chunks
     load_transformer, inspect_checkpoint the files users have (ComfyUI single file, diffusers folder, fp8)
     convert_state_dict, CheckpointError  key mapping, and the error every refused file raises
     flow_sigmas, make_noise, sample,     the flow-matching sampler and
@@ -11,7 +12,8 @@ The whole public API:
 from .checkpoint import CheckpointError, convert_state_dict, inspect_checkpoint, load_transformer
 from .config import ZImageConfig
 from .model import S3DiT
+from .omni import Reference, omni_prompt_chunks
 from .sampler import PRESETS, flow_sigmas, make_noise, sample
 
-__all__ = ["ZImageConfig", "S3DiT", "load_transformer", "inspect_checkpoint", "convert_state_dict",
+__all__ = ["ZImageConfig", "S3DiT", "Reference", "omni_prompt_chunks", "load_transformer", "inspect_checkpoint", "convert_state_dict",
            "CheckpointError", "flow_sigmas", "make_noise", "sample", "PRESETS"]

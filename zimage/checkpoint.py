@@ -6,6 +6,9 @@ Formats:
 - diffusers folder: `transformer/diffusion_pytorch_model-0000N-of-0000M.safetensors` plus its index json,
   with `attention.to_q/to_k/to_v/to_out.0`, `norm_q/norm_k`, `all_x_embedder.2-1`, `all_final_layer.2-1`.
 
+Omni-Base and Edit add `siglip_embedder.0/1`, `siglip_refiner.N` (blocks named as the context refiner's) and
+`siglip_pad_token`, under the same names in both formats.
+
 The engine's own names are ComfyUI's, so a ComfyUI file needs no renaming and LoRA keys written for
 ComfyUI address the engine's weights directly.
 """
@@ -206,7 +209,7 @@ def describe_foreign(keys: list[str]) -> str:
 class CheckpointInfo:
     files: list[str]
     format: str  # "comfyui" or "diffusers"
-    variant: str  # "z-image" (Turbo and Base share one layout) or "z-image-omni" (Omni-Base, Edit)
+    variant: str  # "z-image" (Turbo and Base share one layout) or "z-image-omni" (Omni-Base, Edit: SigLIP weights)
     stored_dtype: torch.dtype  # dtype of the big matrices as stored
     config: ZImageConfig
     plan: dict[str, list[str]]
@@ -242,6 +245,7 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
         raise CheckpointError(f"{name} is a Lumina Image 2.0 transformer, not Z-Image.")
     head_dim = shape("layers.0.attention.q_norm.weight")[0]
     t_mid, n_freqs = shape("t_embedder.mlp.0.weight")
+    variant = "z-image-omni" if any(k.startswith("siglip_") for k in plan) else "z-image"
     cfg = ZImageConfig(
         dim=dim,
         n_layers=_count(plan, "layers"),
@@ -253,10 +257,13 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
         t_embed_dim=shape("t_embedder.mlp.2.weight")[0],
         t_embed_mid=t_mid,
         rope_axes=ZImageConfig.rope_axes_for(head_dim),
+        siglip_feat_dim=shape("siglip_embedder.1.weight")[1] if variant == "z-image-omni" else None,
     )
     if _count(plan, "context_refiner") != cfg.n_refiner_layers:
         raise CheckpointError(f"{name}: noise and context refiners differ in depth; not a Z-Image transformer")
-    variant = "z-image-omni" if any(k.startswith("siglip_") for k in plan) else "z-image"
+    if variant == "z-image-omni" and _count(plan, "siglip_refiner") != cfg.n_refiner_layers:
+        raise CheckpointError(f"{name} is an incomplete Z-Image Omni/Edit transformer: its SigLIP refiner has "
+                              f"{_count(plan, 'siglip_refiner')} blocks, its other refiners {cfg.n_refiner_layers}")
     fmt = "diffusers" if any("to_q" in k or "all_x_embedder" in k for k in keys) else "comfyui"
     stored = SAFETENSORS_DTYPES.get(entries[plan["layers.0.attention.qkv.weight"][0]].dtype, torch.float32)
     return CheckpointInfo(files, fmt, variant, stored, cfg, plan, entries)
@@ -277,9 +284,6 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
     from safetensors import safe_open
 
     info = inspect_checkpoint(path)
-    if info.variant != "z-image":
-        raise CheckpointError(f"{os.path.basename(path)} is a Z-Image Omni/Edit transformer; editing checkpoints are "
-                              f"not supported by this version of the engine yet.")
     if dtype is None:
         dtype = torch.bfloat16 if info.stored_dtype.itemsize == 1 else info.stored_dtype
     device = torch.device(device)

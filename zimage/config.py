@@ -22,6 +22,12 @@ class ZImageConfig:
     rope_axes: tuple[int, int, int] = (32, 48, 48)  # (sequence, row, column) slices of the head dim
     t_scale: float = 1000.0
     seq_multiple: int = 32  # each stream is padded to a multiple of this with a learned pad token
+    # Omni-Base and Edit: width of the SigLIP2 image features their reference images bring (1152 in the
+    # released models); None for Turbo and Base, which have no SigLIP embedder and take no references
+    siglip_feat_dim: int | None = None
+    # positions per RoPE axis the released models were trained on (diffusers' axes_lens): Omni inputs that
+    # would need larger ones are refused
+    rope_lengths: tuple[int, int, int] = (1536, 512, 512)
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -46,7 +52,8 @@ class ZImageConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "ZImageConfig":
-        """A few-hundred-kilobyte model for tests: every code path, none of the size."""
+        """A few-hundred-kilobyte model for tests: every code path, none of the size.
+        tiny(siglip_feat_dim=24) is a tiny Omni model."""
         # ffn_hidden and the adaLN width follow the released rules (int(dim / 3 * 8), min(dim, 256)) so
         # that the same weights also load into the reference implementations.
         base = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, ffn_hidden=170, cap_feat_dim=32,

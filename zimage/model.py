@@ -5,6 +5,8 @@ separately (context refiner, noise refiner), then concatenated into one sequence
 blocks process together. Blocks that see image tokens are modulated by the timestep (adaLN); the
 final layer maps image tokens back to latent patches.
 
+Omni-Base and Edit models also take reference images: clean tokens in the same sequence (omni.py).
+
 Convention: forward(latents, sigma, caption_feats) returns the flow velocity v = noise - x0, so an
 Euler step is x_next = x + (sigma_next - sigma) * v, and sigma = 1 is pure noise.
 """
@@ -22,6 +24,7 @@ from einops import rearrange
 from .attention import Attention
 from .config import ZImageConfig
 from .fp8 import use_fp8_linears
+from .omni import OmniLayout, Reference, build_layout, check_references, flatten_siglip, pad_tokens
 from .streaming import WeightStreamer
 from .rope import apply_rope, inverse_frequencies, rope_angles
 
@@ -71,6 +74,13 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def per_token(modulation: torch.Tensor, noisy: torch.Tensor | None) -> torch.Tensor:
+    """adaLN parameters for every token. [B, n] -> [B, 1, n]: one timestep for the whole sequence. In an Omni
+    sequence, [B, 2, n] from the (clean, noisy) timestep embeddings, and noisy [B, S, 1] picks each token's
+    row -> [B, S, n]."""
+    return modulation[:, None] if noisy is None else modulation.take_along_dim(noisy, dim=1)
+
+
 class TransformerBlock(nn.Module):
     """Attention and SwiGLU, each wrapped in a sandwich of RMSNorms; optionally timestep-modulated."""
 
@@ -87,11 +97,11 @@ class TransformerBlock(nn.Module):
             # one Linear in a Sequential: the index is part of the released checkpoints' key names
             self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.t_embed_dim, 4 * cfg.dim))
 
-    def forward(self, x, rope, key_mask, t_emb: torch.Tensor | None = None):
+    def forward(self, x, rope, key_mask, t_emb: torch.Tensor | None = None, noisy: torch.Tensor | None = None):
         if not self.modulated:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(t_emb)[:, None].chunk(4, dim=-1)
+        scale_attn, gate_attn, scale_ffn, gate_ffn = per_token(self.adaLN_modulation(t_emb), noisy).chunk(4, dim=-1)
         x = x + gate_attn.tanh() * self.attention_norm2(
             self.attention(self.attention_norm1(x) * (1 + scale_attn), rope, key_mask))
         return x + gate_ffn.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_ffn)))
@@ -158,6 +168,13 @@ class S3DiT(nn.Module):
             TransformerBlock(cfg, self.attention, modulated=False) for _ in range(cfg.n_refiner_layers))
         self.layers = nn.ModuleList(TransformerBlock(cfg, self.attention, modulated=True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
+        if cfg.siglip_feat_dim is not None:
+            # Omni-Base / Edit: the reference images' SigLIP2 features, embedded and refined like the captions
+            self.siglip_embedder = nn.Sequential(RMSNorm(cfg.siglip_feat_dim, cfg.norm_eps),
+                                                 nn.Linear(cfg.siglip_feat_dim, cfg.dim))
+            self.siglip_refiner = nn.ModuleList(
+                TransformerBlock(cfg, self.attention, modulated=False) for _ in range(cfg.n_refiner_layers))
+            self.siglip_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.inv_freqs = inverse_frequencies(cfg.rope_axes, cfg.rope_theta)
         self._layout_key = None
         self._layout = None
@@ -167,7 +184,7 @@ class S3DiT(nn.Module):
         """Compute the blocks' matrix multiplies in FP8: e4m3 weights with per-row scales, activations quantized
         per token. About half the weight memory and twice the GEMM rate on Hopper; the velocity moves by about
         as much as bf16 rounding does (bench/ measures it). Call after the weights are loaded."""
-        for stack in (self.noise_refiner, self.context_refiner, self.layers):
+        for stack in self._block_stacks():
             use_fp8_linears(stack)
 
     def compile_blocks(self) -> None:
@@ -178,20 +195,25 @@ class S3DiT(nn.Module):
         # different image sizes, and running past the limit would silently fall back to eager
         dynamo = torch._dynamo.config
         setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 256)
-        for block in (*self.noise_refiner, *self.context_refiner, *self.layers):
-            block.compile(dynamic=False)
+        for stack in self._block_stacks():
+            for block in stack:
+                block.compile(dynamic=False)
 
     def stream_weights(self, device) -> None:
         """Run on `device` (CUDA) holding about five blocks' weights there (the first of each stack and two
         buffers): the other blocks stay in pinned host memory and are copied in one ahead of use, overlapping
         compute. For cards smaller than the model."""
-        stacks = [self.noise_refiner, self.context_refiner, self.layers]
+        stacks = self._block_stacks()
         self._streamer = WeightStreamer(stacks, device)
         for name, module in self.named_children():
             if all(module is not stack for stack in stacks):
                 module.to(device)
-        for p in (self.x_pad_token, self.cap_pad_token):
+        for name, p in self.named_parameters(recurse=False):  # the pad tokens
             p.data = p.data.to(device)
+
+    def _block_stacks(self) -> list[nn.ModuleList]:
+        stacks = [self.noise_refiner, self.context_refiner, self.layers]
+        return stacks + [self.siglip_refiner] if self.cfg.siglip_feat_dim is not None else stacks
 
     def _blocks(self, stack: nn.ModuleList):
         return iter(stack) if self._streamer is None else self._streamer.run(stack)
@@ -204,12 +226,20 @@ class S3DiT(nn.Module):
     def device(self) -> torch.device:
         return self.x_embedder.weight.device
 
-    def forward(self, latents: torch.Tensor, sigma: torch.Tensor, caption_feats: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, sigma: torch.Tensor, caption_feats: list,
+                references: list[list[Reference]] | None = None) -> torch.Tensor:
         """latents [B, C, H, W], sigma [B] (1 = pure noise), caption_feats B tensors [L_i, cap_feat_dim]
-        -> velocity [B, C, H, W] in the model's dtype."""
+        -> velocity [B, C, H, W] in the model's dtype.
+
+        references (Omni-Base / Edit models): per sample, a list of clean Reference images, [] for none. Each
+        caption is then a list of chunk tensors [L, cap_feat_dim], one before each image and a closing one
+        (omni_prompt_chunks). Only the target, latents, is being denoised; the references stay clean.
+        """
         cfg = self.cfg
         batch, channels, height, width = latents.shape
-        self._check_inputs(latents, sigma, caption_feats)
+        self._check_inputs(latents, sigma, caption_feats, references)
+        if references is not None:
+            return self._forward_omni(latents, sigma, caption_feats, references)
         p = cfg.patch_size
         rows, cols = height // p, width // p
         n_image = rows * cols
@@ -246,7 +276,7 @@ class S3DiT(nn.Module):
         # the network is trained to predict x0 - noise (it is fed t = 1 - sigma); v is its negation
         return -out
 
-    def _check_inputs(self, latents, sigma, caption_feats):
+    def _check_inputs(self, latents, sigma, caption_feats, references):
         cfg = self.cfg
         if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
             raise ValueError(f"latents must be [B, {cfg.in_channels}, H, W], got {list(latents.shape)}")
@@ -257,9 +287,15 @@ class S3DiT(nn.Module):
             raise ValueError(f"sigma must have shape [{latents.shape[0]}], got {list(sigma.shape)}")
         if len(caption_feats) != latents.shape[0]:
             raise ValueError(f"{len(caption_feats)} captions for a batch of {latents.shape[0]} latents")
-        for c in caption_feats:
-            if c.ndim != 2 or c.shape[1] != cfg.cap_feat_dim or len(c) == 0:
-                raise ValueError(f"each caption must be [L > 0, {cfg.cap_feat_dim}], got {list(c.shape)}")
+        if references is not None:
+            check_references(cfg, latents, caption_feats, references)
+        chunks = [chunk for c in caption_feats for chunk in c] if references is not None else caption_feats
+        for chunk in chunks:
+            if not isinstance(chunk, torch.Tensor):
+                raise ValueError(f"each caption must be a tensor [L > 0, {cfg.cap_feat_dim}] (lists of chunks go with "
+                                 f"references), got a {type(chunk).__name__}")
+            if chunk.ndim != 2 or chunk.shape[1] != cfg.cap_feat_dim or len(chunk) == 0:
+                raise ValueError(f"each caption must be [L > 0, {cfg.cap_feat_dim}], got {list(chunk.shape)}")
 
     def _sequence_layout(self, batch: int, rows: int, cols: int, caption_lens: list[int], device) -> SequenceLayout:
         # The sampler calls forward with the same shapes every step: build positions and masks once.
@@ -300,3 +336,68 @@ class S3DiT(nn.Module):
             caption_mask = keys[:, None, None].to(device)
             unified_mask = torch.cat((torch.ones(batch, image_len, dtype=torch.bool), keys), dim=1)[:, None, None].to(device)
         return SequenceLayout(image_rope, caption_rope, unified_rope, caption_mask, unified_mask)
+
+    # --- Omni-Base / Edit ------------------------------------------------------------------------------
+
+    def _forward_omni(self, latents, sigma, captions, references) -> torch.Tensor:
+        cfg = self.cfg
+        p = cfg.patch_size
+        layout = self._omni_layout(latents, captions, references)
+        # rows (clean, noisy): clean tokens are modulated as a finished image would be (sigma 0)
+        t_emb = torch.stack((self.t_embedder(torch.full_like(sigma, cfg.t_scale)),
+                             self.t_embedder((1 - sigma) * cfg.t_scale)), dim=1)
+
+        def image_tokens(latent):  # [C, h, w] -> padded tokens
+            patches = rearrange(latent.to(self.dtype), "c (h ph) (w pw) -> (h w) (ph pw c)", ph=p, pw=p)
+            return pad_tokens(self.x_embedder(patches), self.x_pad_token, cfg.seq_multiple)
+
+        # image stream: a sample's references, then its target; the noise refiner sees them together
+        x = layout.images.pack([torch.cat([image_tokens(r.latent) for r in refs] + [image_tokens(target)])
+                                for refs, target in zip(references, latents)])
+        for block in self._blocks(self.noise_refiner):
+            x = block(x, layout.images.rope, layout.images.key_mask, t_emb, layout.images.noisy)
+
+        # caption stream: each chunk padded on its own
+        caption = layout.captions.pack([
+            torch.cat([pad_tokens(self.cap_embedder(chunk.to(self.dtype)), self.cap_pad_token, cfg.seq_multiple)
+                       for chunk in chunks]) for chunks in captions])
+        for block in self._blocks(self.context_refiner):
+            caption = block(caption, layout.captions.rope, layout.captions.key_mask)
+
+        # SigLIP stream: the references' features; the target's place is one block of pad tokens
+        siglip_lens = [0] * len(references)
+        if layout.siglip is not None:
+            target_slot = self.siglip_pad_token.to(caption).expand(cfg.seq_multiple, -1)
+            siglip = layout.siglip.pack([
+                torch.cat([pad_tokens(self.siglip_embedder(flatten_siglip(r.siglip.to(self.dtype))),
+                                      self.siglip_pad_token, cfg.seq_multiple) for r in refs] + [target_slot])
+                if refs else caption.new_zeros(0, cfg.dim) for refs in references])
+            for block in self._blocks(self.siglip_refiner):
+                siglip = block(siglip, layout.siglip.rope, layout.siglip.key_mask)
+            siglip_lens = layout.siglip.lengths
+
+        # one stream per sample: [captions, images, SigLIP]
+        unified = layout.unified.pack([
+            torch.cat((caption[i, :nc], x[i, :nx]) + ((siglip[i, :ns],) if ns else ()))
+            for i, (nc, nx, ns) in enumerate(zip(layout.captions.lengths, layout.images.lengths, siglip_lens))])
+        for block in self._blocks(self.layers):
+            unified = block(unified, layout.unified.rope, layout.unified.key_mask, t_emb, layout.unified.noisy)
+
+        rows, cols = latents.shape[2] // p, latents.shape[3] // p
+        target = torch.stack([u[start:start + rows * cols] for u, start in zip(unified, layout.target_start)])
+        out = self.final_layer(target, t_emb[:, 1])  # the target's tokens are all noisy
+        out = rearrange(out, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=rows, ph=p, pw=p)
+        return -out
+
+    def _omni_layout(self, latents, captions, references) -> OmniLayout:
+        # as _sequence_layout: the sampler calls with the same shapes every step
+        chunk_lens = [[len(c) for c in chunks] for chunks in captions]
+        reference_sizes = [[tuple(r.latent.shape[1:]) for r in refs] for refs in references]
+        siglip_sizes = [[tuple(r.siglip.shape[:2]) for r in refs] for refs in references]
+        target_size = tuple(latents.shape[2:])
+        key = ("omni", chunk_lens, reference_sizes, siglip_sizes, target_size, latents.device)
+        if key != self._layout_key:
+            self._layout = build_layout(self.cfg, self.inv_freqs, chunk_lens, reference_sizes, siglip_sizes,
+                                        target_size, torch.device(latents.device))
+            self._layout_key = key
+        return self._layout

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .model import S3DiT
+from .omni import Reference
 
 @dataclass(frozen=True)
 class Preset:
@@ -76,13 +77,16 @@ def sample(
     latent: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     device: torch.device | str | None = None,
+    references: list[list[Reference]] | None = None,
 ) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1] and return the final latents (float32, on `device`).
 
     noise, latent: [B, C, H, W]; latent is the clean starting image for img2img (None: empty).
-    positive, negative: B caption feature tensors each, [L_i, cap_feat_dim].
+    positive, negative: B caption feature tensors each, [L_i, cap_feat_dim] (with references, B lists of chunks).
     device: where to compute; default the model's. A host that offloads part of the weights (ComfyUI's
     lowvram) names its compute device here, since the model's first weight may sit elsewhere.
+    references: Omni-Base / Edit: per sample, its clean reference images, given to every evaluation (the
+    negative pass too) and never integrated; positive and negative captions are then lists of chunks.
     """
     if guidance > 0 and negative is None:
         raise ValueError("guidance > 0 needs negative captions (an empty prompt's are the usual choice)")
@@ -93,20 +97,28 @@ def sample(
     x = noise.to(device=device, dtype=torch.float32) * sigmas[0]
     if latent is not None and sigmas[0] < 1.0:
         x = x + (1.0 - sigmas[0]) * latent.to(device=device, dtype=torch.float32)
-    positive = [c.to(device) for c in positive]
-    both = positive + [c.to(device) for c in negative] if negative is not None else None
+
+    def to_device(caption):  # a tensor, or with references a list of chunk tensors
+        return [c.to(device) for c in caption] if isinstance(caption, (list, tuple)) else caption.to(device)
+
+    positive = [to_device(c) for c in positive]
+    both = positive + [to_device(c) for c in negative] if negative is not None else None
+    if references is not None:
+        references = [[r.to(device) for r in refs] for refs in references]
+    references_both = references + references if references is not None else None  # the guided batch's
 
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         guided = guidance > 0 and (1.0 - sigma) <= cfg_truncation
         if guided:
-            v_pos, v_neg = model(torch.cat((x, x)), torch.full((2 * batch,), sigma, device=device), both).float().chunk(2)
+            v_pos, v_neg = model(torch.cat((x, x)), torch.full((2 * batch,), sigma, device=device), both,
+                                 references=references_both).float().chunk(2)
             v = v_pos + guidance * (v_pos - v_neg)
             if cfg_normalization > 0:
                 dims = tuple(range(1, v.ndim))
                 limit = cfg_normalization * torch.linalg.vector_norm(v_pos, dim=dims, keepdim=True)
                 v = v * (limit / torch.linalg.vector_norm(v, dim=dims, keepdim=True)).clamp(max=1.0)
         else:
-            v = model(x, torch.full((batch,), sigma, device=device), positive).float()
+            v = model(x, torch.full((batch,), sigma, device=device), positive, references=references).float()
         if callback is not None:
             x0 = x - sigma * v
         x = x + (sigma_next - sigma) * v
