@@ -20,10 +20,20 @@ from ..zimage import S3DiT
 from ..zimage.model import RMSNorm
 
 
+OMNI_KEY = "zimage_omni"  # ZImageEdit's caption chunks and reference images, in a CONDITIONING entry's options
+
+
 class ZImageModel(comfy.model_base.Lumina2):
     def __init__(self, model_config, transformer: S3DiT, device=None):
         super().__init__(model_config, device=device)  # unet_config disables ComfyUI's own NextDiT
         self.diffusion_model = transformer
+
+    def extra_conds(self, **kwargs):
+        # ComfyUI's samplers would drop the reference images and sample the instruction alone: refuse instead
+        if OMNI_KEY in kwargs:
+            raise ValueError("ZImageEdit's conditioning carries reference images, which only ZImageSampler passes to "
+                             "the model. Sample it with ZImageSampler instead of KSampler.")
+        return super().extra_conds(**kwargs)
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         # t is sigma here; the engine takes sigma itself, whatever timestep scaling a sampling patch sets

@@ -8,9 +8,21 @@ import comfy.model_management as mm
 import latent_preview
 
 from ..zimage import PRESETS, flow_sigmas, make_noise, sample
-from .comfy_model import caption_features, engine_of
+from .comfy_model import OMNI_KEY, caption_features, engine_of
 
 PRESET_CHOICES = ["turbo", "base", "custom"]
+
+
+def omni_inputs(conditioning, batch: int):
+    """ZImageEdit's CONDITIONING -> (caption chunk lists, reference lists), one per latent; None for plain prompts."""
+    omni = conditioning[0][1].get(OMNI_KEY) if conditioning else None
+    if omni is None:
+        return None
+    return [omni["chunks"]] * batch, [omni["references"]] * batch
+
+
+def same_references(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x.latent, y.latent) for x, y in zip(a, b))
 
 
 def conditioning_captions(conditioning, batch: int, width: int, what: str) -> list[torch.Tensor]:
@@ -98,8 +110,20 @@ class ZImageSampler:
             raise ValueError("ZImageSampler: cfg > 0 needs the negative input (ZImageTextEncode's negative output; an "
                              "empty negative prompt is the usual choice).")
         batch, width = samples.shape[0], transformer.cfg.cap_feat_dim
-        positive_caps = conditioning_captions(positive, batch, width, "positive")
-        negative_caps = conditioning_captions(negative, batch, width, "negative") if cfg > 0 else None
+        references = None
+        omni = omni_inputs(positive, batch)
+        if omni is not None:  # ZImageEdit: instruction chunks around reference images
+            positive_caps, references = omni
+            negative_caps = None
+            if cfg > 0:
+                negative_omni = omni_inputs(negative, batch)
+                if negative_omni is None or not same_references(negative_omni[1][0], references[0]):
+                    raise ValueError("ZImageSampler: with ZImageEdit's positive output, connect ZImageEdit's negative "
+                                     "output too (it carries the same reference images).")
+                negative_caps = negative_omni[0]
+        else:
+            positive_caps = conditioning_captions(positive, batch, width, "positive")
+            negative_caps = conditioning_captions(negative, batch, width, "negative") if cfg > 0 else None
         sigmas = flow_sigmas(steps, shift, denoise)
 
         # room for the activations, as ComfyUI's own samplers ask for it (one forward of 2B when guided)
@@ -115,6 +139,6 @@ class ZImageSampler:
 
         out = sample(transformer, make_noise(seed, tuple(samples.shape)), sigmas, positive_caps, negative_caps,
                      guidance=cfg, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
-                     latent=start, callback=on_step, device=model.load_device)
+                     latent=start, callback=on_step, device=model.load_device, references=references)
         out = model.model.process_latent_out(out.to(mm.intermediate_device()))
         return ({**latent, "samples": out},)

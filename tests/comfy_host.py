@@ -29,8 +29,13 @@ from zimage import S3DiT, ZImageConfig
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().parent / "comfy_shim" / "zimage_tiny_text_encoder.py"
+VISION_SHIM = SHIM.parent / "zimage_tiny_vision.py"
 TINY_DIT = ZImageConfig.tiny(cap_feat_dim=32)
 TRANSFORMER_FILES = ("z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors")
+# Omni-Base / Edit: the tiny model with a SigLIP embedder as wide as the tiny vision encoder (the shim's)
+TINY_OMNI = ZImageConfig.tiny(cap_feat_dim=32, siglip_feat_dim=24)
+OMNI_FILE = "z_image_edit_bf16.safetensors"
+VISION_FILE = "sigclip_vision_patch14_384.safetensors"
 
 
 def _init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -48,8 +53,8 @@ def _init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def write_transformer(path: Path, seed: int = 0):
-    model = randomize_(S3DiT(TINY_DIT), seed)
+def write_transformer(path: Path, seed: int = 0, cfg: ZImageConfig = TINY_DIT):
+    model = randomize_(S3DiT(cfg), seed)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
@@ -62,6 +67,18 @@ def write_text_encoder(path: Path):
 
     model = llama.Qwen3_4B({}, dtype=torch.float32, device="cpu", operations=comfy.ops.manual_cast)
     _init_(model, seed=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def write_vision_encoder(path: Path):
+    import comfy.clip_model
+    import comfy.ops
+
+    sys.path.insert(0, str(VISION_SHIM.parent))
+    from zimage_tiny_vision import CONFIG
+
+    model = comfy.clip_model.CLIPVisionModelProjection(CONFIG, torch.float32, "cpu", comfy.ops.manual_cast)
+    _init_(model, seed=4)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
@@ -78,16 +95,19 @@ def write_vae(path: Path):
 def build_base_directory(base: Path) -> Path:
     """A ComfyUI base directory: models, custom_nodes (this pack + the test shim), input, output."""
     models = base / "models"
-    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     for name in TRANSFORMER_FILES:
         write_transformer(models / "diffusion_models" / name)
+    write_transformer(models / "diffusion_models" / OMNI_FILE, seed=5, cfg=TINY_OMNI)
+    write_vision_encoder(models / "clip_vision" / VISION_FILE)
     write_text_encoder(models / "text_encoders" / "qwen_3_4b.safetensors")
     write_vae(models / "vae" / "ae.safetensors")
     custom_nodes = base / "custom_nodes"
     custom_nodes.mkdir(exist_ok=True)
     (custom_nodes / "comfyui-zimage").symlink_to(PACK_ROOT, target_is_directory=True)
-    shutil.copy(SHIM, custom_nodes / SHIM.name)
+    for shim in (SHIM, VISION_SHIM):
+        shutil.copy(shim, custom_nodes / shim.name)
     (base / "input").mkdir(exist_ok=True)
     (base / "output").mkdir(exist_ok=True)
     from PIL import Image

@@ -17,7 +17,8 @@ from comfy_host import load_workflow, output_images, shrink
 pytestmark = pytest.mark.host
 
 OUR_NODES = ["ZImageLoader", "ZImageLoraLoader", "ZImageTextEncode", "ZImageLatent", "ZImageSampler", "ZImageEdit"]
-API_WORKFLOWS = ["zimage_turbo_t2i.api.json", "zimage_base_t2i_cfg.api.json", "zimage_turbo_img2img.api.json"]
+API_WORKFLOWS = ["zimage_turbo_t2i.api.json", "zimage_base_t2i_cfg.api.json", "zimage_turbo_img2img.api.json",
+                 "zimage_edit.api.json"]
 
 
 def test_pack_imports_in_comfyui(comfyui_path, comfy_base):
@@ -43,7 +44,8 @@ def test_object_info_lists_the_nodes_with_tooltips(comfy_server):
     assert set(sampler["required"]) >= {"model", "positive", "latent", "seed", "steps", "cfg", "shift", "denoise",
                                         "cfg_normalization", "cfg_truncation", "preset"}
     assert "negative" in sampler["optional"]
-    assert set(info["ZImageEdit"]["input"]["required"]) == {"model", "conditioning", "image", "vae", "strength"}
+    assert set(info["ZImageEdit"]["input"]["required"]) == {"model", "clip", "clip_vision", "vae", "image",
+                                                            "instruction", "negative_prompt"}
     assert "z_image_turbo_bf16.safetensors" in info["ZImageLoader"]["input"]["required"]["model_name"][0]
 
 
@@ -112,13 +114,6 @@ def test_runtime_errors_reach_the_api_and_the_next_prompt_runs(comfy_server):
     assert entry["status"]["status_str"] == "error"
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert errors and "negative" in errors[0]["exception_message"] and errors[0]["node_type"] == "ZImageSampler"
-    edit = shrink(load_workflow("zimage_turbo_img2img.api.json"))
-    edit["11"] = {"class_type": "ZImageEdit", "inputs": {"model": ["1", 0], "conditioning": ["4", 0],
-                                                         "image": ["9", 0], "vae": ["3", 0], "strength": 1.0}}
-    edit["6"]["inputs"]["positive"] = ["11", 0]
-    entry = comfy_server.run(edit)
-    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert errors and "not implemented yet" in errors[0]["exception_message"]
     assert comfy_server.run(shrink(load_workflow("zimage_turbo_t2i.api.json")))["status"]["status_str"] == "success"
 
 

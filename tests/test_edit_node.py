@@ -1,0 +1,104 @@
+"""ZImageEdit in the real ComfyUI with a tiny Omni model: reference images steer the result, errors are clear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from comfy_host import load_workflow
+
+pytestmark = pytest.mark.host
+
+
+def edit_graph(image: str = "example.png", model: str | None = None) -> dict:
+    """The shipped edit workflow, 6 guided steps, saving the latent instead of decoding it."""
+    graph = load_workflow("zimage_edit.api.json")
+    graph["5"]["inputs"]["image"] = image
+    if model:
+        graph["1"]["inputs"]["model_name"] = model
+    graph["7"]["inputs"].update(preset="custom", steps=6, cfg=3.0, seed=11)
+    del graph["8"], graph["9"]
+    graph["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "edit"}}
+    return graph
+
+
+def saved_latent(server, entry) -> torch.Tensor:
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (latent,) = [f for out in entry["outputs"].values() for f in out.get("latents", [])]
+    return load_file(str(server.base / "output" / latent["subfolder"] / latent["filename"]))["latent_tensor"]
+
+
+def error_of(entry) -> dict:
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    return error
+
+
+def write_image(server, name: str, width: int, height: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(server.base / "input" / name)
+    return name
+
+
+def test_the_reference_image_steers_the_result(comfy_server):
+    other = write_image(comfy_server, "edit_other.png", 320, 256, seed=21)
+    first = saved_latent(comfy_server, comfy_server.run(edit_graph()))
+    again = saved_latent(comfy_server, comfy_server.run(edit_graph()))
+    swapped = saved_latent(comfy_server, comfy_server.run(edit_graph(other)))
+    assert first.shape == (1, 16, 32, 40)  # the reference's size: 320x256 pixels
+    assert torch.equal(first, again)  # same seed, same reference: the same result
+    assert (first - swapped).norm() / first.norm() > 1e-2  # same seed, another reference: another result
+
+    # the same seed and instruction without a reference: the Omni model as a text-to-image model
+    plain = edit_graph()
+    plain["4b"] = {"class_type": "ZImageTextEncode", "inputs": {"clip": ["2", 0], "template": "official",
+                                                                "prompt": plain["6"]["inputs"]["instruction"],
+                                                                "negative_prompt": ""}}
+    plain["7"]["inputs"].update(positive=["4b", 0], negative=["4b", 1])
+    plain["30"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["5", 0], "vae": ["3", 0]}}
+    plain["7"]["inputs"]["latent"] = ["30", 0]
+    del plain["6"], plain["4"]
+    without = saved_latent(comfy_server, comfy_server.run(plain))
+    assert without.shape == first.shape
+    assert (first - without).norm() / first.norm() > 1e-2
+
+
+def test_two_reference_images_of_different_sizes(comfy_server):
+    second = write_image(comfy_server, "edit_second.png", 192, 256, seed=22)
+    graph = edit_graph()
+    graph["5b"] = {"class_type": "LoadImage", "inputs": {"image": second}}
+    graph["6"]["inputs"]["image_2"] = ["5b", 0]
+    two = saved_latent(comfy_server, comfy_server.run(graph))
+    one = saved_latent(comfy_server, comfy_server.run(edit_graph()))
+    assert two.shape == one.shape == (1, 16, 32, 40)
+    assert (two - one).norm() / one.norm() > 1e-2
+
+
+def test_clear_errors_and_the_server_keeps_serving(comfy_server):
+    turbo = error_of(comfy_server.run(edit_graph(model="z_image_turbo_bf16.safetensors")))
+    assert turbo["node_type"] == "ZImageEdit" and "Turbo/Base" in turbo["exception_message"]
+    assert "Z-Image-Edit" in turbo["exception_message"]
+
+    odd = write_image(comfy_server, "edit_odd.png", 100, 90, seed=23)
+    size = error_of(comfy_server.run(edit_graph(odd)))
+    assert "100x90" in size["exception_message"] and "multiples of 16" in size["exception_message"]
+
+    # a native sampler would drop the references: it is refused, not run as plain text-to-image
+    native = edit_graph()
+    native["7"] = {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["6", 0], "negative": ["6", 1],
+                                                        "latent_image": ["6", 2], "seed": 1, "steps": 2, "cfg": 1.0,
+                                                        "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    refused = error_of(comfy_server.run(native))
+    assert "ZImageSampler" in refused["exception_message"]
+
+    # the positive from ZImageEdit with a negative that carries no references
+    mixed = edit_graph()
+    mixed["4b"] = {"class_type": "ZImageTextEncode", "inputs": {"clip": ["2", 0], "template": "official",
+                                                                "prompt": "x", "negative_prompt": ""}}
+    mixed["7"]["inputs"]["negative"] = ["4b", 1]
+    assert "negative" in error_of(comfy_server.run(mixed))["exception_message"]
+
+    assert saved_latent(comfy_server, comfy_server.run(edit_graph())).shape == (1, 16, 32, 40)
