@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+import comfy.float
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -17,6 +18,7 @@ import comfy.ops
 import comfy.supported_models
 
 from ..zimage import S3DiT
+from ..zimage.fp8 import E4M3, E4M3_MAX, Fp8Linear
 from ..zimage.model import RMSNorm
 
 
@@ -51,6 +53,24 @@ def caption_features(context: torch.Tensor, attention_mask: torch.Tensor | None)
     return [c[m] for c, m in zip(context, mask)]
 
 
+class ComfyFp8Linear(Fp8Linear):
+    """An Fp8Linear as ComfyUI's weight patcher sees it (its convert_/set_ hooks for quantized weights): a LoRA
+    patch applies to the real weight, codes times row scales, and is written back on the same row scales, so
+    that the patcher's backup of the codes alone restores the layer. A LoRA's change is often smaller than one
+    e4m3 step, so it is rounded stochastically (as ComfyUI rounds its own fp8 weights): kept on average."""
+
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        return weight * self.weight_scale.to(weight)
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None) -> None:
+        scaled = (weight / self.weight_scale.to(weight)).clamp(-E4M3_MAX, E4M3_MAX)
+        codes = comfy.float.stochastic_rounding(scaled, E4M3, seed=seed or 0)
+        if inplace_update:
+            self.weight.data.copy_(codes)
+        else:
+            self.weight = torch.nn.Parameter(codes, requires_grad=False)
+
+
 def _adopt_comfy_ops(module: torch.nn.Module, ops) -> None:
     """Swap each Linear and RMSNorm for ComfyUI's castable equivalent, sharing the same parameters, so that
     lowvram partial loading and fp8 storage (cast per layer at use) work as they do for native models."""
@@ -58,6 +78,8 @@ def _adopt_comfy_ops(module: torch.nn.Module, ops) -> None:
         if type(child) is torch.nn.Linear:
             new = ops.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
             new.weight, new.bias = child.weight, child.bias
+        elif type(child) is Fp8Linear:
+            new = ComfyFp8Linear(child.weight.data, child.weight_scale.data)
         elif type(child) is RMSNorm:
             new = ops.RMSNorm(child.weight.shape[0], eps=child.eps, elementwise_affine=True, device="meta")
             new.weight = child.weight

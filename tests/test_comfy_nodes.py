@@ -182,3 +182,14 @@ def test_native_clip_text_encode_conditioning_is_accepted(comfy_server):
     a = _saved_latent(comfy_server, comfy_server.run(ours))
     b = _saved_latent(comfy_server, comfy_server.run(native))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e4m3fn_fast"])
+def test_fp8_weight_dtypes_sample_close_to_full_precision(comfy_server, weight_dtype):
+    """fp8 storage (bf16 matmuls) and fp8 matmuls run through ComfyUI and stay near the full-precision result."""
+    full = _saved_latent(comfy_server, comfy_server.run(_latent_graph({})))
+    graph = _latent_graph({})
+    graph["1"]["inputs"]["weight_dtype"] = weight_dtype
+    fp8 = _saved_latent(comfy_server, comfy_server.run(graph))
+    err = ((fp8 - full).norm() / full.norm()).item()
+    assert 1e-4 < err < 0.25, err

@@ -467,3 +467,37 @@ def test_sampling_with_a_lora_changes_the_result_and_unpatch_restores(comfy, lor
     assert torch.equal(restored, before)
     for key, value in model.model.state_dict().items():
         assert torch.equal(value, original[key]), key
+
+
+def test_lora_on_fp8_matmul_weights_patches_the_real_weight_and_unpatch_restores(comfy, loras, caplog):
+    """fp8_e4m3fn_fast keeps e4m3 codes with per-row scales: a LoRA lands on codes x scales, in fp8 rounding."""
+    transformer = randomize_(comfy["S3DiT"](CFG), MODEL_SEED).eval()
+    reference = {f"diffusion_model.{k}": v.detach().clone() for k, v in transformer.state_dict().items()}
+    transformer.use_fp8_matmuls()
+    model = comfy["comfy_model"](transformer)
+    codes = {k: v.clone() for k, v in model.model.state_dict().items()}
+    lora = loras["comfyui"]
+    patched = load_ours(comfy, model, lora.name, 1.0, caplog)
+    expected = expected_state(reference, lora.entries, 1.0)
+    targeted = {f"diffusion_model.{e.target.comfy}.weight" for e in lora.entries}
+    fp8_targets = [k for k in targeted if k + "_scale" in codes]
+    assert fp8_targets  # the blocks' linears are fp8 here
+    patched.patch_model()
+    try:
+        state = patched.model.state_dict()
+        for key in fp8_targets:
+            scale = state[key + "_scale"].double()
+            change = (state[key].double() - codes[key].double()) * scale
+            delta = expected[key] - reference[key].double()
+            # the LoRA's change is mostly below one e4m3 step; rounded stochastically, it arrives on average:
+            # the least-squares slope of the weight's change on the LoRA's delta is 1
+            slope = (change * delta).sum() / (delta * delta).sum()
+            assert abs(slope.item() - 1) < 0.15, (key, slope.item())
+            # and the layer is the merged weight up to e4m3 rounding
+            assert rel_err(state[key].double() * scale, expected[key]) < 0.08, key
+            assert torch.equal(state[key + "_scale"], codes[key + "_scale"]), "row scales must not move"
+    finally:
+        patched.unpatch_model()
+    for key, value in patched.model.state_dict().items():
+        assert torch.equal(value, codes[key]), f"{key} not restored by unpatch_model"
+    comfy["mm"].unload_all_models()
