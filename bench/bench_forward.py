@@ -153,8 +153,15 @@ def kernel_breakdown(fn) -> dict[str, float]:
         if not us or event.key.startswith(("aten::", "cuda", "Memcpy", "Memset")) or "profiler" in event.key.lower():
             continue
         name = event.key.lower()
-        kind = ("attention" if any(k in name for k in ("cudnn", "fmha", "flash", "attention", "sdpa")) else
-                "gemm" if any(k in name for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "scaled_mm")) else "other")
+        # inductor names its fused Triton kernels after the ops they feed (..._scaled_dot_product_...): other
+        if name.startswith("triton"):
+            kind = "other"
+        elif any(k in name for k in ("cudnn", "fmha", "flash", "attention", "sdpa")):
+            kind = "attention"
+        elif any(k in name for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "scaled_mm")):
+            kind = "gemm"
+        else:
+            kind = "other"
         kinds[kind] += us / 1000
     return kinds
 

@@ -133,3 +133,4 @@ def test_streamed_weights_give_the_resident_result_and_stay_on_the_host():
         assert weight.device.type == "cpu" and weight.is_pinned()
         assert torch.equal(weight, source.layers[i].feed_forward.w2.weight)
     assert streamed.x_embedder.weight.is_cuda and streamed.layers[0].attention.qkv.weight.is_cuda  # resident
+
