@@ -102,3 +102,21 @@ def test_clear_errors_and_the_server_keeps_serving(comfy_server):
     assert "negative" in error_of(comfy_server.run(mixed))["exception_message"]
 
     assert saved_latent(comfy_server, comfy_server.run(edit_graph())).shape == (1, 16, 32, 40)
+
+
+def test_instruction_chunks_tokenize_as_qwen_does(comfyui_path):
+    """The Omni chunks go through ComfyUI's tokenizer with no template added; the vision markers stay single
+    special tokens, as Qwen's own tokenizer (the one diffusers' pipeline uses) reads them."""
+    import os
+
+    import comfy.text_encoders.z_image as z_image
+    from transformers import Qwen2Tokenizer
+
+    from zimage import omni_prompt_chunks
+
+    ours = z_image.ZImageTokenizer()
+    qwen = Qwen2Tokenizer.from_pretrained(os.path.join(os.path.dirname(z_image.__file__), "qwen25_tokenizer"))
+    for n in (1, 2):
+        for text in omni_prompt_chunks("replace the background with a rainy street 让她手里拿着一杯咖啡", n):
+            ids = [t for t, _ in ours.tokenize_with_weights(text, llama_template="{}")["qwen3_4b"][0]]
+            assert ids == qwen(text, add_special_tokens=False)["input_ids"], text
