@@ -50,6 +50,16 @@ def diffusers_reference(cfg: ZImageConfig, seed: int = 0):
     return randomize_(model, seed).eval()
 
 
+def reference_pair(cfg: ZImageConfig, seed: int = 1):
+    """(diffusers' transformer with random weights, the engine loaded from its state dict), both float32, eval."""
+    from zimage import S3DiT, convert_state_dict
+
+    reference = diffusers_reference(cfg, seed=seed)
+    engine = S3DiT(cfg).eval()
+    engine.load_state_dict(convert_state_dict(reference.state_dict()), strict=True)
+    return reference, engine
+
+
 def diffusers_velocity(model, latents, sigma, captions) -> torch.Tensor:
     """The flow velocity from diffusers' transformer: it takes t = 1 - sigma and its output is negated."""
     out = model(list(latents.unsqueeze(2).unbind(0)), 1 - sigma, list(captions), return_dict=False)[0]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import diffusers_reference, diffusers_velocity, rel_err
-from zimage import S3DiT, ZImageConfig, convert_state_dict
+from helpers import diffusers_velocity, reference_pair, rel_err
+from zimage import S3DiT, ZImageConfig
 
 TINY = ZImageConfig.tiny()
 # the released head (128) and RoPE split (32, 48, 48), theta 256; fewer and narrower layers
@@ -14,17 +14,10 @@ MID = ZImageConfig(dim=384, n_heads=3, n_layers=2, n_refiner_layers=1, ffn_hidde
                    t_embed_dim=256)
 
 
-def engine_from(reference, cfg) -> S3DiT:
-    model = S3DiT(cfg).eval()
-    model.load_state_dict(convert_state_dict(reference.state_dict()), strict=True)
-    return model
-
-
 @pytest.fixture(scope="module", params=[TINY, MID], ids=["tiny", "mid"])
 def pair(request):
     cfg = request.param
-    reference = diffusers_reference(cfg, seed=1)
-    return cfg, reference, engine_from(reference, cfg)
+    return (cfg, *reference_pair(cfg, seed=1))
 
 
 CASES = [

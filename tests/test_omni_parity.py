@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import diffusers_omni_velocity, diffusers_reference, diffusers_velocity, rel_err
-from zimage import (Reference, S3DiT, ZImageConfig, convert_state_dict, flow_sigmas, make_noise, omni_prompt_chunks,
+from helpers import diffusers_omni_velocity, diffusers_velocity, reference_pair, rel_err
+from zimage import (Reference, S3DiT, ZImageConfig, flow_sigmas, make_noise, omni_prompt_chunks,
                     sample)
 
 TINY = ZImageConfig.tiny(siglip_feat_dim=24)
@@ -21,17 +21,10 @@ MID = ZImageConfig(dim=384, n_heads=3, n_layers=2, n_refiner_layers=1, ffn_hidde
                    t_embed_dim=256, siglip_feat_dim=72)
 
 
-def engine_from(reference, cfg) -> S3DiT:
-    model = S3DiT(cfg).eval()
-    model.load_state_dict(convert_state_dict(reference.state_dict()), strict=True)
-    return model
-
-
 @pytest.fixture(scope="module", params=[TINY, MID], ids=["tiny", "mid"])
 def pair(request):
     cfg = request.param
-    reference = diffusers_reference(cfg, seed=1)
-    return cfg, reference, engine_from(reference, cfg)
+    return (cfg, *reference_pair(cfg, seed=1))
 
 
 def make_inputs(cfg, seed, height, width, samples, sigmas):
@@ -87,8 +80,7 @@ def test_mixed_batch_equals_each_sample_alone(pair):
 
 def test_velocity_depends_on_every_input():
     """Guards against a parity test passing for a model that ignores an input."""
-    reference = diffusers_reference(TINY, seed=2)
-    model = engine_from(reference, TINY)
+    reference, model = reference_pair(TINY, seed=2)
     latents, sigma, captions, references = make_inputs(TINY, 7, 6, 6, [((4, 9, 3), [(6, 6, 3, 3)])], [0.5])
     ref = references[0][0]
     with torch.no_grad():
@@ -110,8 +102,7 @@ def test_prompt_word_order_is_lost_as_in_diffusers():
     """diffusers' caption positions (omni.caption_tokens): after a 4-token first chunk, the next 28 tokens all sit at
     position 0, so the order of a prompt that short is invisible to the attention, in diffusers and here alike
     (upstream: huggingface/diffusers#13574). Reordering the first chunk, whose positions are right, is not."""
-    reference = diffusers_reference(TINY, seed=2)
-    model = engine_from(reference, TINY)
+    reference, model = reference_pair(TINY, seed=2)
     latents, sigma, captions, references = make_inputs(TINY, 7, 6, 6, [((4, 9, 3), [(6, 6, 3, 3)])], [0.5])
     prompt_reversed = [captions[0][0], captions[0][1].flip(0), captions[0][2]]
     first_reversed = [captions[0][0].flip(0), captions[0][1], captions[0][2]]
@@ -150,7 +141,7 @@ def omni_pipeline():
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageOmniPipeline
     from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 
-    reference = diffusers_reference(TINY, seed=3)
+    reference, model = reference_pair(TINY, seed=3)
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
@@ -163,7 +154,7 @@ def omni_pipeline():
         vae=vae.to(torch.bfloat16).eval(), text_encoder=None, tokenizer=None, transformer=reference,
         siglip=siglip.eval(), siglip_processor=Siglip2ImageProcessor(patch_size=16, max_num_patches=16))
     pipe.set_progress_bar_config(disable=True)
-    return pipe, engine_from(reference, TINY)
+    return pipe, model
 
 
 def run_omni_pipeline(pipe, images, noise, positive, negative, **kwargs):
