@@ -182,8 +182,10 @@ class S3DiT(nn.Module):
 
     def use_fp8_matmuls(self) -> None:
         """Compute the blocks' matrix multiplies in FP8: e4m3 weights with per-row scales, activations quantized
-        per token. About half the weight memory and twice the GEMM rate on Hopper; the velocity moves by about
-        as much as bf16 rounding does (bench/ measures it). Call after the weights are loaded."""
+        per token. Half the blocks' weight memory; on an H100 the GEMMs ran 1.3x faster, and with compile_blocks
+        (which fuses the activation quantization) the forward 1.35x. The velocity moves: 9.6% against bf16 on
+        random full-size weights, where bf16 implementations differ from each other by 1.4% (bench/results).
+        Call after the weights are loaded."""
         for stack in self._block_stacks():
             use_fp8_linears(stack)
 
