@@ -88,7 +88,7 @@ class ZImageEdit:
                              "Z-Image-Edit or Z-Image-Omni-Base checkpoint in ZImageLoader. For image-to-image with "
                              "Turbo, encode the image with VAEEncode and use ZImageSampler with denoise below 1.")
         images = [img[None] for img in image] + ([img[None] for img in image_2] if image_2 is not None else [])
-        references = []
+        references, encoded = [], []
         for n, img in enumerate(images, 1):
             height, width = img.shape[1:3]
             if height % 16 or width % 16 or min(height, width) < 64 or max(height, width) > 4096:
@@ -100,7 +100,8 @@ class ZImageEdit:
                 raise ValueError(f"ZImageEdit: the vision encoder's features are {siglip.shape[-1]} wide; this model's "
                                  f"SigLIP embedder reads {transformer.cfg.siglip_feat_dim}. Load the SigLIP model the "
                                  f"checkpoint was trained with.")
-            latent = model.model.process_latent_in(vae.encode(img[..., :3]).float())[0]
+            encoded.append(vae.encode(img[..., :3]))
+            latent = model.model.process_latent_in(encoded[-1].float())[0]
             references.append(Reference(latent.cpu(), siglip))
 
         n = len(references)
@@ -112,5 +113,4 @@ class ZImageEdit:
             context = torch.cat(chunks)[None].to(mm.intermediate_device())
             return [[context, {OMNI_KEY: {"chunks": chunks, "references": references}}]]
 
-        start = vae.encode(images[0][..., :3])
-        return conditioning(positive), conditioning(negative), {"samples": start}
+        return conditioning(positive), conditioning(negative), {"samples": encoded[0]}
