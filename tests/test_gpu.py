@@ -134,3 +134,34 @@ def test_streamed_weights_give_the_resident_result_and_stay_on_the_host():
         assert torch.equal(weight, source.layers[i].feed_forward.w2.weight)
     assert streamed.x_embedder.weight.is_cuda and streamed.layers[0].attention.qkv.weight.is_cuda  # resident
 
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled", "streamed"])
+def test_omni_references_on_cuda_match_float32_cpu(path):
+    """Reference images (Omni / Edit) through every GPU path: bf16 on CUDA against float32 on the CPU."""
+    from zimage import Reference
+
+    cfg = ZImageConfig(dim=768, n_heads=6, n_layers=3, n_refiner_layers=2, ffn_hidden=2048, cap_feat_dim=256,
+                       siglip_feat_dim=128)
+    source = randomize_(S3DiT(cfg), seed=10).eval()
+    g = torch.Generator().manual_seed(11)
+    latents = torch.randn(2, 16, 32, 40, generator=g)
+    captions = [[torch.randn(n, cfg.cap_feat_dim, generator=g) for n in lens] for lens in ((5, 3, 40, 2), (7, 60, 3))]
+    references = [[Reference(torch.randn(16, 32, 40, generator=g), torch.randn(6, 8, 128, generator=g)),
+                   Reference(torch.randn(16, 24, 24, generator=g), torch.randn(5, 5, 128, generator=g))],
+                  [Reference(torch.randn(16, 16, 48, generator=g), torch.randn(4, 9, 128, generator=g))]]
+    sigma = torch.tensor([0.8, 0.35])
+    gpu = S3DiT(cfg).to(torch.bfloat16).eval()
+    gpu.load_state_dict(source.state_dict())
+    if path == "streamed":
+        gpu.stream_weights("cuda")
+    else:
+        gpu = gpu.cuda()
+    if path == "compiled":
+        gpu.compile_blocks()
+    with torch.no_grad():
+        expected = source(latents, sigma, captions, references=references)
+        got = gpu(latents.cuda().bfloat16(), sigma.cuda(), [[c.cuda().bfloat16() for c in cs] for cs in captions],
+                  references=[[r.to("cuda") for r in refs] for refs in references]).float().cpu()
+    assert torch.isfinite(got).all()
+    assert rel_err(got, expected) < 3e-2
