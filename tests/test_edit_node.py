@@ -120,3 +120,20 @@ def test_instruction_chunks_tokenize_as_qwen_does(comfyui_path):
         for text in omni_prompt_chunks("replace the background with a rainy street 让她手里拿着一杯咖啡", n):
             ids = [t for t, _ in ours.tokenize_with_weights(text, llama_template="{}")["qwen3_4b"][0]]
             assert ids == qwen(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_denoise_below_one_starts_from_the_source_image(comfy_server):
+    """ZImageEdit's latent is the source image: with denoise < 1 the edit starts from it, and stays nearer it."""
+    graph = edit_graph()
+    graph["21"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 2], "filename_prefix": "edit_source"}}
+    entry = comfy_server.run(graph)
+    latents = {f["filename"].split("_")[1]: f for out in entry["outputs"].values() for f in out.get("latents", [])}
+    assert entry["status"]["status_str"] == "success" and len(latents) == 2
+    source = load_file(str(comfy_server.base / "output" / latents["source"]["subfolder"] /
+                           latents["source"]["filename"]))["latent_tensor"]
+    full = saved_latent(comfy_server, comfy_server.run(edit_graph()))
+    partial_graph = edit_graph()
+    partial_graph["7"]["inputs"]["denoise"] = 0.3
+    partial = saved_latent(comfy_server, comfy_server.run(partial_graph))
+    assert source.shape == full.shape == partial.shape
+    assert (partial - source).norm() < (full - source).norm()
