@@ -17,19 +17,16 @@ import comfy.model_management as mm
 
 from ..zimage import Reference, omni_prompt_chunks
 from .comfy_model import OMNI_KEY, caption_features, engine_of
-from .text_encode import MAX_TOKENS
+from .text_encode import encode, require_qwen3
 
 
 def encode_chunks(clip, texts: list[str]) -> list[torch.Tensor]:
     """Each chunk text through the text encoder on its own (second-to-last hidden state, padding dropped)."""
     chunks = []
     for text in texts:
-        tokens = clip.tokenize(text, llama_template="{}")
-        for name, batches in tokens.items():
-            if batches and len(batches[0]) > MAX_TOKENS:
-                logging.warning(f"ZImageEdit: the instruction is over {MAX_TOKENS} tokens; the rest was cut")
-                tokens[name] = [batches[0][:MAX_TOKENS]] + batches[1:]
-        (context, extras), = clip.encode_from_tokens_scheduled(tokens)
+        ((context, extras),), warning = encode(clip, text, "{}")  # the chunk texts carry their own markup
+        if warning:
+            logging.warning("ZImageEdit: " + warning)
         chunks.append(caption_features(context, extras.get("attention_mask"))[0].float().cpu())
     return chunks
 
@@ -83,6 +80,7 @@ class ZImageEdit:
 
     def edit(self, model, clip, clip_vision, vae, image, instruction, negative_prompt, image_2=None):
         transformer = engine_of(model)
+        require_qwen3(clip, "ZImageEdit")
         if transformer.cfg.siglip_feat_dim is None:
             raise ValueError("ZImageEdit: this is a Z-Image Turbo/Base model; editing and reference images need a "
                              "Z-Image-Edit or Z-Image-Omni-Base checkpoint in ZImageLoader. For image-to-image with "

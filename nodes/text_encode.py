@@ -15,9 +15,20 @@ TEMPLATES = {
 }
 
 
-def encode(clip, text: str, template: str) -> tuple[list, str | None]:
-    """CONDITIONING for one prompt, and a warning when it had to be cut to MAX_TOKENS."""
-    tokens = clip.tokenize(text, llama_template=TEMPLATES[template])
+def require_qwen3(clip, node: str) -> None:
+    """A clear error for a missing or wrong text encoder, before anything is encoded with it."""
+    if clip is None:
+        raise ValueError(f"{node}: the clip input is empty; load qwen_3_4b.safetensors with ComfyUI's CLIPLoader "
+                         f"(type lumina2).")
+    if getattr(clip.tokenizer, "clip_name", None) != "qwen3_4b":
+        raise ValueError(f"{node}: this CLIP is not Qwen3-4B. Load qwen_3_4b.safetensors with CLIPLoader and type "
+                         f"lumina2.")
+
+
+def encode(clip, text: str, llama_template: str) -> tuple[list, str | None]:
+    """CONDITIONING for one text in `llama_template` (a format string), and a warning when it had to be cut to
+    MAX_TOKENS."""
+    tokens = clip.tokenize(text, llama_template=llama_template)
     warning = None
     for name, batches in tokens.items():
         if batches and len(batches[0]) > MAX_TOKENS:
@@ -49,14 +60,9 @@ class ZImageTextEncode:
         }}
 
     def encode(self, clip, prompt, negative_prompt, template):
-        if clip is None:
-            raise ValueError("ZImageTextEncode: the clip input is empty; load qwen_3_4b.safetensors with ComfyUI's "
-                             "CLIPLoader (type lumina2).")
-        if getattr(clip.tokenizer, "clip_name", None) != "qwen3_4b":
-            raise ValueError("ZImageTextEncode: this CLIP is not Qwen3-4B. Load qwen_3_4b.safetensors with CLIPLoader "
-                             "and type lumina2.")
-        positive, w1 = encode(clip, prompt, template)
-        negative, w2 = encode(clip, negative_prompt, template)
+        require_qwen3(clip, "ZImageTextEncode")
+        positive, w1 = encode(clip, prompt, TEMPLATES[template])
+        negative, w2 = encode(clip, negative_prompt, TEMPLATES[template])
         warnings = [w for w in (w1, w2) if w]
         for w in warnings:
             logging.warning("ZImageTextEncode: " + w)

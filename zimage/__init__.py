@@ -15,5 +15,5 @@ from .model import S3DiT
 from .omni import Reference, omni_prompt_chunks
 from .sampler import PRESETS, flow_sigmas, make_noise, sample
 
-__all__ = ["ZImageConfig", "S3DiT", "Reference", "omni_prompt_chunks", "load_transformer", "inspect_checkpoint", "convert_state_dict",
-           "CheckpointError", "flow_sigmas", "make_noise", "sample", "PRESETS"]
+__all__ = ["ZImageConfig", "S3DiT", "Reference", "omni_prompt_chunks", "load_transformer", "inspect_checkpoint",
+           "convert_state_dict", "CheckpointError", "flow_sigmas", "make_noise", "sample", "PRESETS"]

@@ -24,7 +24,7 @@ from einops import rearrange
 from .attention import Attention
 from .config import ZImageConfig
 from .fp8 import use_fp8_linears
-from .omni import OmniLayout, Reference, build_layout, check_references, flatten_siglip, pad_tokens
+from .omni import OmniLayout, Reference, build_layout, check_references, flatten_siglip, pad_tokens, round_up
 from .streaming import WeightStreamer
 from .rope import apply_rope, inverse_frequencies, rope_angles
 
@@ -146,10 +146,6 @@ class SequenceLayout:
     unified_rope: tuple[torch.Tensor, torch.Tensor]
     caption_mask: torch.Tensor | None  # [B, 1, 1, S] keys to attend; None when every sample is full length
     unified_mask: torch.Tensor | None
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class S3DiT(nn.Module):
