@@ -137,3 +137,15 @@ def test_denoise_below_one_starts_from_the_source_image(comfy_server):
     partial = saved_latent(comfy_server, comfy_server.run(partial_graph))
     assert source.shape == full.shape == partial.shape
     assert (partial - source).norm() < (full - source).norm()
+
+
+def test_text_nodes_refuse_a_missing_or_foreign_text_encoder(zimage_pack):
+    import importlib
+    from types import SimpleNamespace
+
+    require_qwen3 = importlib.import_module(f"{zimage_pack.__name__}.nodes.text_encode").require_qwen3
+    with pytest.raises(ValueError, match="clip input is empty"):
+        require_qwen3(None, "ZImageEdit")
+    with pytest.raises(ValueError, match="ZImageEdit: this CLIP is not Qwen3-4B"):
+        require_qwen3(SimpleNamespace(tokenizer=SimpleNamespace(clip_name="l")), "ZImageEdit")
+    require_qwen3(SimpleNamespace(tokenizer=SimpleNamespace(clip_name="qwen3_4b")), "ZImageEdit")
