@@ -196,14 +196,21 @@ def main():
     reference = diffusers_model(engine)
     from zimage.attention import Attention
 
-    compiled = shared_copy(engine)
-    compiled.compile_blocks()
-    fp8 = fp8_compiled = None
+    def variant(source: S3DiT, compile: bool, graphs: bool) -> S3DiT:
+        model = shared_copy(source)
+        if compile:
+            model.compile_blocks()
+        if graphs:
+            model.use_cuda_graphs()
+        return model
+
+    graphed = variant(engine, False, True)
+    compiled, compiled_graphed = variant(engine, True, False), variant(engine, True, True)
+    fp8 = fp8_compiled = fp8_compiled_graphed = None
     if not args.no_fp8:
         fp8 = shared_copy(engine)
         fp8.use_fp8_matmuls()
-        fp8_compiled = shared_copy(fp8)
-        fp8_compiled.compile_blocks()
+        fp8_compiled, fp8_compiled_graphed = variant(fp8, True, False), variant(fp8, True, True)
     weights_all = torch.cuda.memory_allocated() if device == "cuda" else 0
 
     rows, profiles = [], {}
@@ -221,12 +228,18 @@ def main():
             if size <= args.skip_diffusers_above:
                 runs["diffusers"] = lambda: reference(list(latents.unsqueeze(2).unbind(0)), 1 - sigma, captions,
                                                       return_dict=False)[0]
+            if device == "cuda":
+                runs["engine_graphs"] = lambda: graphed(latents, sigma, captions)
             if fp8 is not None:
                 runs["engine_fp8"] = lambda: fp8(latents, sigma, captions)
             if size in args.compile_sizes:
                 runs["engine_compiled"] = lambda: compiled(latents, sigma, captions)
+                if device == "cuda":
+                    runs["engine_compiled_graphs"] = lambda: compiled_graphed(latents, sigma, captions)
                 if fp8_compiled is not None:
                     runs["engine_fp8_compiled"] = lambda: fp8_compiled(latents, sigma, captions)
+                    if device == "cuda":
+                        runs["engine_fp8_compiled_graphs"] = lambda: fp8_compiled_graphed(latents, sigma, captions)
             row = {"size": size, "batch": batch, "tokens": (size // 16) ** 2 + args.caption}
             with torch.no_grad():
                 outs = {}
@@ -251,7 +264,8 @@ def main():
                         row[f"{name}_vs_comfyui_rel_err"] = ((outs[name].float() - ref).norm() / ref.norm()).item()
                 # what the fast paths change against the eager bf16 engine
                 base = outs["engine"].float()
-                for name in ("engine_compiled", "engine_fp8", "engine_fp8_compiled"):
+                for name in ("engine_graphs", "engine_compiled", "engine_compiled_graphs", "engine_fp8",
+                             "engine_fp8_compiled", "engine_fp8_compiled_graphs"):
                     if name in outs:
                         row[f"{name}_vs_engine_rel_err"] = ((outs[name].float() - base).norm() / base.norm()).item()
                 if "diffusers" in outs:
@@ -286,23 +300,28 @@ def write_table(result: dict, path: str) -> None:
     lines = ["# S3-DiT forward: engine vs ComfyUI native vs diffusers", "",
              f"{result['device']}, torch {result['torch']}, {result['date']}, `{result['command']}`", "",
              "Milliseconds per forward (median of CUDA-event timings). Ratios are to native ComfyUI eager, same run.", "",
-             "| size | batch | engine | compiled | fp8 | fp8 compiled | engine (flash attn) | ComfyUI | diffusers "
-             "| engine/ComfyUI | compiled/ComfyUI | fp8 compiled/ComfyUI | engine TFLOP/s | peak GiB engine / ComfyUI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| size | batch | engine | + graphs | compiled | compiled + graphs | fp8 | fp8 compiled | fp8 compiled + graphs "
+             "| engine (flash attn) | ComfyUI | diffusers | engine/ComfyUI | compiled + graphs/ComfyUI "
+             "| fp8 compiled + graphs/ComfyUI | engine TFLOP/s | peak GiB engine / ComfyUI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        ms = " | ".join(f"{r.get(f'engine{v}_ms', nan):.1f}" for v in
+                        ("", "_graphs", "_compiled", "_compiled_graphs", "_fp8", "_fp8_compiled", "_fp8_compiled_graphs"))
         lines.append(
-            f"| {r['size']} | {r['batch']} | {r['engine_ms']:.1f} | {r.get('engine_compiled_ms', nan):.1f} | "
-            f"{r.get('engine_fp8_ms', nan):.1f} | {r.get('engine_fp8_compiled_ms', nan):.1f} | {r['engine_flash_ms']:.1f} | "
+            f"| {r['size']} | {r['batch']} | {ms} | {r['engine_flash_ms']:.1f} | "
             f"{r['comfyui_ms']:.1f} | {r.get('diffusers_ms', nan):.1f} | {r['engine_over_comfyui']:.2f} | "
-            f"{r.get('engine_compiled_over_comfyui', nan):.2f} | {r.get('engine_fp8_compiled_over_comfyui', nan):.2f} | "
+            f"{r.get('engine_compiled_graphs_over_comfyui', nan):.2f} | "
+            f"{r.get('engine_fp8_compiled_graphs_over_comfyui', nan):.2f} | "
             f"{r['engine_tflops']:.0f} | {r['engine_peak_gib']:.2f} / {r['comfyui_peak_gib']:.2f} |")
+    versus = ("graphs", "compiled", "compiled_graphs", "fp8", "fp8_compiled", "fp8_compiled_graphs")
     lines += ["", "Relative error of the velocity (‖a − b‖ / ‖b‖):", "",
-              "| size | batch | engine vs ComfyUI | engine vs diffusers | compiled vs engine | fp8 vs engine | fp8 compiled vs engine |",
-              "|---|---|---|---|---|---|---|"]
+              "| size | batch | engine vs ComfyUI | engine vs diffusers | "
+              + " | ".join(f"{v.replace('_', ' ').replace(' graphs', ' + graphs')} vs engine" for v in versus) + " |",
+              "|---|---|---|---|" + "---|" * len(versus)]
     for r in result["rows"]:
         lines.append(f"| {r['size']} | {r['batch']} | {r['engine_vs_comfyui_rel_err']:.1e} | "
-                     f"{r.get('engine_vs_diffusers_rel_err', nan):.1e} | {r.get('engine_compiled_vs_engine_rel_err', nan):.1e} | "
-                     f"{r.get('engine_fp8_vs_engine_rel_err', nan):.1e} | {r.get('engine_fp8_compiled_vs_engine_rel_err', nan):.1e} |")
+                     f"{r.get('engine_vs_diffusers_rel_err', nan):.1e} | "
+                     + " | ".join(f"{r.get(f'engine_{v}_vs_engine_rel_err', nan):.1e}" for v in versus) + " |")
     if result.get("kernel_ms_by_kind"):
         lines += ["", "GPU kernel time by kind (ms, one forward, batch 1):", "", "| variant@size | gemm | attention | other |",
                   "|---|---|---|---|"]

@@ -50,7 +50,7 @@ def main():
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(args.cap_gib * GiB / total)
     engine.stream_weights("cuda")
-    streamed = engine._streamer.bytes_per_forward()
+    streamed = sum(p.nbytes for p in engine.parameters() if not p.is_cuda)  # copied in every forward
     resident = torch.cuda.memory_allocated()
 
     g = torch.Generator().manual_seed(0)

@@ -53,6 +53,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--compile", action="store_true", help="ZImageLoader's compile option")
     parser.add_argument("--weight-dtype", default="default", help="ZImageLoader's weight_dtype")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="ZImageLoader's cuda_graphs option off")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
 
@@ -99,7 +100,8 @@ def main():
     vae = comfy.sd.VAE(sd=random_state(vae_shapes, torch.float32, 2))
     setup_s = time.time() - t0
 
-    (model,) = nodes["ZImageLoader"]().load(name, args.weight_dtype, "auto", args.compile)
+    (model,) = nodes["ZImageLoader"]().load(name, args.weight_dtype, "auto", args.compile,
+                                            not args.no_cuda_graphs)
 
     def now():
         torch.cuda.synchronize()
@@ -132,10 +134,12 @@ def main():
                       f"under a {args.budget_gb:g} GiB ComfyUI VRAM budget",
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-              "budget_gib": args.budget_gb, "compile": args.compile, "weight_dtype": args.weight_dtype, "setup_seconds": setup_s, "runs": runs}
+              "budget_gib": args.budget_gb, "compile": args.compile,
+              "cuda_graphs": not args.no_cuda_graphs, "weight_dtype": args.weight_dtype, "setup_seconds": setup_s, "runs": runs}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"memory-{args.budget_gb:g}gb{'-compiled' if args.compile else ''}"
-                           f"{'' if args.weight_dtype == 'default' else '-' + args.weight_dtype}.json"), "w") as f:
+                           f"{'' if args.weight_dtype == 'default' else '-' + args.weight_dtype}"
+                           f"{'-no-graphs' if args.no_cuda_graphs else ''}.json"), "w") as f:
         json.dump(result, f, indent=2)
 
 

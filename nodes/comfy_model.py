@@ -14,6 +14,7 @@ import comfy.float
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.ops
 import comfy.supported_models
 
@@ -36,6 +37,12 @@ class ZImageModel(comfy.model_base.Lumina2):
             raise ValueError("ZImageEdit's conditioning carries reference images, which only ZImageSampler passes to "
                              "the model. Sample it with ZImageSampler instead of KSampler.")
         return super().extra_conds(**kwargs)
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        # under partial loading the engine streams the blocks ComfyUI left on the CPU through two buffers of
+        # a block each (zimage/streaming.py): room for them besides the activations
+        block = self.diffusion_model.layers[0]
+        return super().memory_required(input_shape, cond_shapes) + 2 * sum(p.nbytes for p in block.parameters())
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         # t is sigma here; the engine takes sigma itself, whatever timestep scaling a sampling patch sets
@@ -112,8 +119,15 @@ def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None) ->
     model_config = comfy.supported_models.ZImage(unet_config)
     model_config.set_inference_dtype(storage_dtype or compute_dtype, manual_cast)
     model = ZImageModel(model_config, transformer, device=mm.unet_offload_device())
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    # ComfyUI's own samplers end with cleanup(): free the CUDA graphs' memory there, as ZImageSampler does
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, release_cuda_graphs)
+    return patcher
+
+
+def release_cuda_graphs(patcher) -> None:
+    patcher.model.diffusion_model.release_cuda_graphs()
 
 
 def engine_of(model_patcher) -> S3DiT:

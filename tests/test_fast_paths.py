@@ -1,4 +1,4 @@
-"""Fast paths: FP8 matmuls (e4m3 weights, per-row scales, activations per token) and compiled blocks."""
+"""Fast paths: FP8 matmuls (e4m3 weights, per-row scales, activations per token), compiled blocks, CUDA graphs."""
 
 from __future__ import annotations
 
@@ -91,3 +91,20 @@ def test_compiled_blocks_compute_the_eager_function():
     sigma = torch.tensor([0.8, 0.3])
     with torch.no_grad():
         assert rel_err(model(latents, sigma, captions), eager(latents, sigma, captions)) < 1e-5
+
+
+def test_cuda_graphs_leave_cpu_forwards_and_sampling_as_they_were():
+    """use_cuda_graphs only changes CUDA forwards (tests/test_gpu.py): on the CPU every call runs as before,
+    and sample() releases the graphs when it ends."""
+    from zimage import flow_sigmas, make_noise, sample
+
+    model = randomize_(S3DiT(CFG), seed=9).eval()
+    graphed = S3DiT(CFG).eval()
+    graphed.load_state_dict(model.state_dict())
+    graphed.use_cuda_graphs()
+    captions = [torch.randn(12, CFG.cap_feat_dim, generator=torch.Generator().manual_seed(10))]
+    noise = make_noise(3, (1, 16, 8, 8))
+    with torch.no_grad():
+        assert torch.equal(graphed(noise, torch.tensor([0.5]), captions), model(noise, torch.tensor([0.5]), captions))
+    assert torch.equal(sample(graphed, noise, flow_sigmas(3, 3.0), captions), sample(model, noise, flow_sigmas(3, 3.0), captions))
+    assert not graphed._graphs.graphs

@@ -165,3 +165,89 @@ def test_omni_references_on_cuda_match_float32_cpu(path):
                   references=[[r.to("cuda") for r in refs] for refs in references]).float().cpu()
     assert torch.isfinite(got).all()
     assert rel_err(got, expected) < 3e-2
+
+
+def test_blocks_a_host_left_on_the_cpu_stream_in_and_go_back():
+    """What a host's partial loading leaves (ComfyUI's lowvram: some layers of some blocks in CPU memory,
+    pinned or not, in mixed dtypes) streams through the buffers and computes what resident weights compute;
+    the weights are on the CPU again afterwards, also when a block raises."""
+    cfg = ZImageConfig(dim=768, n_heads=6, n_layers=4, n_refiner_layers=2, ffn_hidden=2048, cap_feat_dim=256)
+    source = randomize_(S3DiT(cfg), seed=12).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(13)
+    latents = torch.randn(1, 16, 32, 32, generator=g).cuda()
+    captions = [torch.randn(40, cfg.cap_feat_dim, generator=g).cuda()]
+    sigma = torch.tensor([0.6], device="cuda")
+    resident = S3DiT(cfg).to("cuda", torch.bfloat16).eval()
+    resident.load_state_dict(source.state_dict())
+    resident.use_fp8_matmuls()  # e4m3 weights, float32 scales and bf16 norms in one block
+    partial = S3DiT(cfg).to("cuda", torch.bfloat16).eval()
+    partial.load_state_dict(source.state_dict())
+    partial.use_fp8_matmuls()
+    on_host = [partial.layers[0].feed_forward.w2, partial.layers[1].attention, partial.layers[3],
+               partial.context_refiner[1].ffn_norm1, partial.noise_refiner[0].feed_forward]
+    for i, module in enumerate(on_host):
+        for p in module.parameters():
+            p.data = p.data.cpu().pin_memory() if i % 2 else p.data.cpu()
+    host_params = [p for m in on_host for p in m.parameters()]
+    with torch.no_grad():
+        expected = resident(latents, sigma, captions)
+        for _ in range(2):
+            assert torch.equal(partial(latents, sigma, captions), expected)
+        assert all(p.device.type == "cpu" for p in host_params)
+
+        def fail(*args):
+            raise RuntimeError("interrupted")
+        hook = partial.layers[3].feed_forward.register_forward_hook(fail)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            partial(latents, sigma, captions)
+        hook.remove()
+        assert all(p.device.type == "cpu" for p in host_params)
+        assert torch.equal(partial(latents, sigma, captions), expected)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graph_replays_give_the_eager_result(cpu_model, compiled):
+    """A graph replays the kernels the eager forward ran: the same velocity, bit for bit, at every step and
+    shape; a weight replaced or moved drops the graphs, and weights changed in place are read anew."""
+    g = torch.Generator().manual_seed(14)
+    eager = on_cuda(cpu_model, torch.bfloat16, "auto")
+    graphed = on_cuda(cpu_model, torch.bfloat16, "auto")
+    if compiled:
+        eager.compile_blocks()
+        graphed.compile_blocks()
+    graphed.use_cuda_graphs()
+    shapes = [((1, 16, 32, 48), (77,)), ((2, 16, 32, 32), (20, 90))]
+    with torch.no_grad():
+        for (shape, lens), sigma in [(shapes[0], 0.9), (shapes[0], 0.5), (shapes[1], 0.7), (shapes[0], 0.2),
+                                     (shapes[1], 0.3)]:
+            latents = torch.randn(shape, generator=g).cuda()
+            captions = [torch.randn(n, CFG.cap_feat_dim, generator=g).cuda().bfloat16() for n in lens]
+            s = torch.full((shape[0],), sigma, device="cuda")
+            assert torch.equal(graphed(latents, s, captions), eager(latents, s, captions))
+        assert len(graphed._graphs.graphs) == 2 and None not in graphed._graphs.graphs.values()
+
+        # a LoRA-like change: in place (same address, the graph reads it) and by a new tensor (graphs dropped)
+        for change in ("in place", "replaced"):
+            for model in (eager, graphed):
+                w = model.layers[1].feed_forward.w2
+                if change == "in place":
+                    w.weight.data.mul_(1.5)
+                else:
+                    w.weight = torch.nn.Parameter(w.weight.data * 0.5, requires_grad=False)
+            assert torch.equal(graphed(latents, s, captions), eager(latents, s, captions))
+        assert len(graphed._graphs.graphs) == 1
+        graphed.release_cuda_graphs()
+        assert not graphed._graphs.graphs
+
+
+def test_sampling_with_cuda_graphs_matches_and_frees_them(cpu_model):
+    noise = make_noise(15, (1, 16, 32, 32))
+    captions = [torch.randn(30, CFG.cap_feat_dim, generator=torch.Generator().manual_seed(16)).cuda().bfloat16()]
+    plain = on_cuda(cpu_model, torch.bfloat16, "auto")
+    graphed = on_cuda(cpu_model, torch.bfloat16, "auto")
+    graphed.use_cuda_graphs()
+    sigmas = flow_sigmas(6, 3.0)
+    negative = [torch.randn(12, CFG.cap_feat_dim, generator=torch.Generator().manual_seed(17)).cuda().bfloat16()]
+    kwargs = dict(negative=negative, guidance=3.0, cfg_truncation=0.5)  # guided (batch 2), then batch 1
+    assert torch.equal(sample(graphed, noise, sigmas, captions, **kwargs), sample(plain, noise, sigmas, captions, **kwargs))
+    assert not graphed._graphs.graphs  # released when sampling ends

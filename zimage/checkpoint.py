@@ -274,12 +274,13 @@ def _count(plan, stack: str) -> int:
 
 
 def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                     attention: str = "auto", fp8_matmuls: bool = False, compile: bool = False) -> S3DiT:
+                     attention: str = "auto", fp8_matmuls: bool = False, compile: bool = False,
+                     cuda_graphs: bool = False) -> S3DiT:
     """Load a Z-Image transformer file or diffusers folder into an S3DiT on `device`.
 
     dtype None keeps the stored precision (fp8 files load as bfloat16). Tensors are read one at a time
     from the memory-mapped files and written straight into the model on `device`.
-    attention, fp8_matmuls, compile: the kernels the forward uses, chosen here once (see S3DiT).
+    attention, fp8_matmuls, compile, cuda_graphs: how the forward runs, chosen here once (see S3DiT).
     """
     from safetensors import safe_open
 
@@ -320,4 +321,6 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
         model.use_fp8_matmuls()
     if compile:
         model.compile_blocks()
+    if cuda_graphs:
+        model.use_cuda_graphs()
     return model.eval()

@@ -25,6 +25,7 @@ from .attention import Attention
 from .config import ZImageConfig
 from .fp8 import use_fp8_linears
 from .omni import OmniLayout, Reference, build_layout, check_references, flatten_siglip, pad_tokens, round_up
+from .cuda_graphs import GraphedForward
 from .streaming import WeightStreamer
 from .rope import apply_rope, inverse_frequencies, rope_angles
 
@@ -175,6 +176,7 @@ class S3DiT(nn.Module):
         self._layout_key = None
         self._layout = None
         self._streamer: WeightStreamer | None = None
+        self._graphs: GraphedForward | None = None
 
     def use_fp8_matmuls(self) -> None:
         """Compute the blocks' matrix multiplies in FP8: e4m3 weights with per-row scales, activations quantized
@@ -199,22 +201,46 @@ class S3DiT(nn.Module):
 
     def stream_weights(self, device) -> None:
         """Run on `device` (CUDA) holding about five blocks' weights there (the first of each stack and two
-        buffers): the other blocks stay in pinned host memory and are copied in one ahead of use, overlapping
-        compute. For cards smaller than the model."""
-        stacks = self._block_stacks()
-        self._streamer = WeightStreamer(stacks, device)
+        buffers): the other blocks' weights go to pinned host memory, and the forward copies each in one
+        block ahead of use, overlapping compute (streaming.py). For cards smaller than the model."""
+        for stack in self._block_stacks():
+            for i, block in enumerate(stack):
+                for p in block.parameters():
+                    # the first block of each stack computes while the second is copied in
+                    p.data = p.data.to(device) if i == 0 else p.data.to("cpu").pin_memory()
         for name, module in self.named_children():
-            if all(module is not stack for stack in stacks):
+            if all(module is not stack for stack in self._block_stacks()):
                 module.to(device)
-        for name, p in self.named_parameters(recurse=False):  # the pad tokens
+        for p in self.parameters(recurse=False):  # the pad tokens
             p.data = p.data.to(device)
+
+    def use_cuda_graphs(self) -> None:
+        """Replay the forward as a CUDA graph, one per input shape (cuda_graphs.py): the same kernels on the
+        same inputs, launched at once instead of one by one. Used where every weight is on the CUDA device the
+        inputs are on; elsewhere the forward runs as usual. release_cuda_graphs() frees their memory."""
+        self._graphs = GraphedForward()
+
+    def release_cuda_graphs(self) -> None:
+        """Drop the captured graphs and the memory they hold; the next forward captures anew."""
+        if self._graphs is not None:
+            self._graphs.clear()
 
     def _block_stacks(self) -> list[nn.ModuleList]:
         stacks = [self.noise_refiner, self.context_refiner, self.layers]
         return stacks + [self.siglip_refiner] if self.cfg.siglip_feat_dim is not None else stacks
 
-    def _blocks(self, stack: nn.ModuleList):
-        return iter(stack) if self._streamer is None else self._streamer.run(stack)
+    def _blocks(self, stack: nn.ModuleList, device: torch.device):
+        """The blocks of a stack, ready to run on `device`: weights a host left in CPU memory stream in."""
+        if device.type != "cuda":
+            return iter(stack)
+        if self._streamer is None or self._streamer.device != device:
+            self._streamer = WeightStreamer(device)
+        return self._streamer.run(stack)
+
+    def _weights_on(self, device: torch.device) -> list[torch.Tensor] | None:
+        """Every weight, if all of them are on `device`; else None."""
+        weights = list(self.parameters())
+        return weights if all(w.device == device for w in weights) else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -233,16 +259,32 @@ class S3DiT(nn.Module):
         caption is then a list of chunk tensors [L, cap_feat_dim], one before each image and a closing one
         (omni_prompt_chunks). Only the target, latents, is being denoised; the references stay clean.
         """
-        cfg = self.cfg
-        batch, channels, height, width = latents.shape
         self._check_inputs(latents, sigma, caption_feats, references)
-        if references is not None:
-            return self._forward_omni(latents, sigma, caption_feats, references)
+        device = latents.device
+        try:
+            if references is not None:
+                return self._forward_omni(latents, sigma, caption_feats, references)
+            p = self.cfg.patch_size
+            layout = self._sequence_layout(latents.shape[0], latents.shape[2] // p, latents.shape[3] // p,
+                                           [len(c) for c in caption_feats], device)
+            weights = self._weights_on(device) if self._graphs is not None and device.type == "cuda" else None
+            if weights is None:
+                return self._forward_text(latents, sigma, caption_feats, layout)
+            return self._graphs(lambda x, s, *captions: self._forward_text(x, s, list(captions), layout),
+                                [latents, sigma, *caption_feats], weights, keep=layout)
+        finally:
+            if self._streamer is not None:  # an exception inside a streamed block leaves its weights swapped
+                self._streamer.restore()
+
+    def _forward_text(self, latents: torch.Tensor, sigma: torch.Tensor, caption_feats: list[torch.Tensor],
+                      layout: SequenceLayout) -> torch.Tensor:
+        cfg = self.cfg
+        batch = latents.shape[0]
         p = cfg.patch_size
-        rows, cols = height // p, width // p
+        rows, cols = latents.shape[2] // p, latents.shape[3] // p
         n_image = rows * cols
         caption_lens = [len(c) for c in caption_feats]
-        layout = self._sequence_layout(batch, rows, cols, caption_lens, latents.device)
+        device = latents.device
 
         t_emb = self.t_embedder((1 - sigma) * cfg.t_scale)
 
@@ -252,7 +294,7 @@ class S3DiT(nn.Module):
         if n_image_pad:
             # .to(image): a host's partial offloading may leave the root's pad tokens on another device
             image = torch.cat((image, self.x_pad_token.to(image).expand(batch, n_image_pad, -1)), dim=1)
-        for block in self._blocks(self.noise_refiner):
+        for block in self._blocks(self.noise_refiner, device):
             image = block(image, layout.image_rope, None, t_emb)
 
         # caption stream: each caption padded to its own multiple of 32, the batch to the longest
@@ -261,12 +303,12 @@ class S3DiT(nn.Module):
         caption = self.cap_pad_token.to(caption_tokens).expand(batch, caption_len, -1).clone()
         for i, part in enumerate(caption_tokens.split(caption_lens)):
             caption[i, : len(part)] = part
-        for block in self._blocks(self.context_refiner):
+        for block in self._blocks(self.context_refiner, device):
             caption = block(caption, layout.caption_rope, layout.caption_mask)
 
         # one stream: [image, caption]; a sample's keys end where its own caption padding ends
         x = torch.cat((image, caption), dim=1)
-        for block in self._blocks(self.layers):
+        for block in self._blocks(self.layers, device):
             x = block(x, layout.unified_rope, layout.unified_mask, t_emb)
 
         out = self.final_layer(x[:, :n_image], t_emb)
@@ -352,14 +394,14 @@ class S3DiT(nn.Module):
         # image stream: a sample's references, then its target; the noise refiner sees them together
         x = layout.images.pack([torch.cat([image_tokens(r.latent) for r in refs] + [image_tokens(target)])
                                 for refs, target in zip(references, latents)])
-        for block in self._blocks(self.noise_refiner):
+        for block in self._blocks(self.noise_refiner, latents.device):
             x = block(x, layout.images.rope, layout.images.key_mask, t_emb, layout.images.noisy)
 
         # caption stream: each chunk padded on its own
         caption = layout.captions.pack([
             torch.cat([pad_tokens(self.cap_embedder(chunk.to(self.dtype)), self.cap_pad_token, cfg.seq_multiple)
                        for chunk in chunks]) for chunks in captions])
-        for block in self._blocks(self.context_refiner):
+        for block in self._blocks(self.context_refiner, latents.device):
             caption = block(caption, layout.captions.rope, layout.captions.key_mask)
 
         # SigLIP stream: the references' features; the target's place is one block of pad tokens
@@ -370,7 +412,7 @@ class S3DiT(nn.Module):
                 torch.cat([pad_tokens(self.siglip_embedder(flatten_siglip(r.siglip.to(self.dtype))),
                                       self.siglip_pad_token, cfg.seq_multiple) for r in refs] + [target_slot])
                 if refs else caption.new_zeros(0, cfg.dim) for refs in references])
-            for block in self._blocks(self.siglip_refiner):
+            for block in self._blocks(self.siglip_refiner, latents.device):
                 siglip = block(siglip, layout.siglip.rope, layout.siglip.key_mask)
             siglip_lens = layout.siglip.lengths
 
@@ -378,7 +420,7 @@ class S3DiT(nn.Module):
         unified = layout.unified.pack([
             torch.cat((caption[i, :nc], x[i, :nx]) + ((siglip[i, :ns],) if ns else ()))
             for i, (nc, nx, ns) in enumerate(zip(layout.captions.lengths, layout.images.lengths, siglip_lens))])
-        for block in self._blocks(self.layers):
+        for block in self._blocks(self.layers, latents.device):
             unified = block(unified, layout.unified.rope, layout.unified.key_mask, t_emb, layout.unified.noisy)
 
         rows, cols = latents.shape[2] // p, latents.shape[3] // p

@@ -107,21 +107,24 @@ def sample(
         references = [[r.to(device) for r in refs] for refs in references]
     references_both = references + references if references is not None else None  # the guided batch's
 
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        guided = guidance > 0 and (1.0 - sigma) <= cfg_truncation
-        if guided:
-            v_pos, v_neg = model(torch.cat((x, x)), torch.full((2 * batch,), sigma, device=device), both,
-                                 references=references_both).float().chunk(2)
-            v = v_pos + guidance * (v_pos - v_neg)
-            if cfg_normalization > 0:
-                dims = tuple(range(1, v.ndim))
-                limit = cfg_normalization * torch.linalg.vector_norm(v_pos, dim=dims, keepdim=True)
-                v = v * (limit / torch.linalg.vector_norm(v, dim=dims, keepdim=True)).clamp(max=1.0)
-        else:
-            v = model(x, torch.full((batch,), sigma, device=device), positive, references=references).float()
-        if callback is not None:
-            x0 = x - sigma * v
-        x = x + (sigma_next - sigma) * v
-        if callback is not None:
-            callback(i, x0, x)
+    try:
+        for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+            guided = guidance > 0 and (1.0 - sigma) <= cfg_truncation
+            if guided:
+                v_pos, v_neg = model(torch.cat((x, x)), torch.full((2 * batch,), sigma, device=device), both,
+                                     references=references_both).float().chunk(2)
+                v = v_pos + guidance * (v_pos - v_neg)
+                if cfg_normalization > 0:
+                    dims = tuple(range(1, v.ndim))
+                    limit = cfg_normalization * torch.linalg.vector_norm(v_pos, dim=dims, keepdim=True)
+                    v = v * (limit / torch.linalg.vector_norm(v, dim=dims, keepdim=True)).clamp(max=1.0)
+            else:
+                v = model(x, torch.full((batch,), sigma, device=device), positive, references=references).float()
+            if callback is not None:
+                x0 = x - sigma * v
+            x = x + (sigma_next - sigma) * v
+            if callback is not None:
+                callback(i, x0, x)
+    finally:
+        model.release_cuda_graphs()  # their memory goes back to the caller (a VAE decode comes next)
     return x

@@ -1,11 +1,12 @@
-"""Weight streaming: run the 6B model on a card that cannot hold it.
+"""Weight streaming: run blocks whose weights sit in host memory, on a card that cannot hold them all.
 
-The first block of each stack stays on the device, so each stack starts computing while its second block
-is copied in. The other blocks' weights stay in pinned host memory. Two device buffers, each the size of the largest block,
-take turns: while block i computes from one, a side stream copies block i+1 into the other. Each block
-is run with its parameters pointed at its buffer and pointed back at host memory right after its kernels
-are queued, so the model's state dict always holds the real weights. The forward then costs about the
-host-to-device transfer of the weights, with the compute hidden under it.
+Whatever left a block's parameters off the compute device (S3DiT.stream_weights, or a host's partial
+loading such as ComfyUI's lowvram), they are copied in one block ahead of use, on a side stream, into one
+of two device buffers that take turns: while block i computes from one, block i+1 is copied into the
+other. Each block runs with those parameters pointed at its buffer and pointed back at host memory right
+after its kernels are queued, so the model's state dict always holds the real weights. From pinned host
+memory the copies overlap compute, and a fully streamed forward costs about the host-to-device transfer
+of its weights.
 """
 
 from __future__ import annotations
@@ -13,71 +14,76 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+ALIGN = 256  # bytes: every parameter's slice of a buffer starts aligned, whatever the dtypes before it
+
 
 class WeightStreamer:
-    """Streams the blocks of several stacks (ModuleLists) through one pair of device buffers."""
+    """Streams the off-device parameters of a stack's blocks through two device buffers."""
 
-    def __init__(self, stacks: list[nn.ModuleList], device: torch.device):
+    def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        # per block: (parameter, pinned host tensor, offset into a buffer, numel)
-        self.layouts: dict[nn.Module, list[tuple[nn.Parameter, torch.Tensor, int, int]]] = {}
-        largest, dtype = 0, None
-        for block in (b for stack in stacks for b in stack[1:]):
-            layout, offset = [], 0
-            for p in block.parameters():
-                if dtype is not None and p.dtype != dtype:
-                    raise ValueError("weight streaming needs the blocks' weights in one dtype (stream bf16 weights, "
-                                     "without FP8 matmuls)")
-                dtype = p.dtype
-                host = p.data.to("cpu").pin_memory()
-                p.data = host
-                layout.append((p, host, offset, p.numel()))
-                offset += p.numel()
-            self.layouts[block] = layout
-            largest = max(largest, offset)
-        for stack in stacks:
-            if len(stack):
-                stack[0].to(self.device)
-        self.buffers = [torch.empty(largest, dtype=dtype, device=self.device) for _ in range(2)]
         self.copy_stream = torch.cuda.Stream(self.device)
         self.loaded = [torch.cuda.Event() for _ in range(2)]  # the copy into buffer k is done
-        # the block that last used buffer k is done; never recorded before the first use, and waiting on an
-        # unrecorded event returns at once
+        # the block that last used buffer k is done; waiting on an event never recorded returns at once
         self.freed = [torch.cuda.Event() for _ in range(2)]
-        self.slot = 0
+        self.swapped: list[tuple[nn.Parameter, torch.Tensor]] = []  # parameters pointed at a buffer now
 
-    def bytes_per_forward(self) -> int:
-        return sum(host.numel() * host.element_size() for layout in self.layouts.values() for _, host, _, _ in layout)
-
-    def _prefetch(self, block: nn.Module, slot: int) -> None:
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.freed[slot])
-            buffer = self.buffers[slot]
-            for _, host, offset, n in self.layouts[block]:
-                buffer[offset: offset + n].copy_(host.view(-1), non_blocking=True)
-            self.loaded[slot].record(self.copy_stream)
+    def _plan(self, block: nn.Module) -> tuple[list[tuple[nn.Parameter, int]], int]:
+        """The block's parameters off the device, each with its byte offset in a buffer; the bytes needed."""
+        plan, size = [], 0
+        for p in block.parameters():
+            if p.device != self.device:
+                plan.append((p, size))
+                size += -(-p.nbytes // ALIGN) * ALIGN
+        return plan, size
 
     def run(self, stack: nn.ModuleList):
-        """Yield each block of `stack` ready to run on the device; the next block's copy overlaps its compute."""
+        """Yield each block of `stack` ready to run on the device; the next streamed block's copy overlaps it.
+        A caller that stops early (an exception in a block) calls restore()."""
+        plans = [self._plan(block) for block in stack]
+        streamed = [i for i, (plan, _) in enumerate(plans) if plan]
+        if not streamed:
+            yield from stack
+            return
         compute = torch.cuda.current_stream(self.device)
-        streamed = [block for block in stack if block in self.layouts]
-        if streamed:
-            self._prefetch(streamed[0], self.slot)  # copied while the resident first block computes
-        n = 0
-        for block in stack:
-            if block not in self.layouts:
+        size = max(n for _, n in plans)
+        # allocated on the copy stream, which writes them first; record_stream keeps the allocator from
+        # reusing them until the compute stream's reads are done too
+        with torch.cuda.stream(self.copy_stream):
+            buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        for buffer in buffers:
+            buffer.record_stream(compute)
+        slot_of = {i: k % 2 for k, i in enumerate(streamed)}
+        self._prefetch(plans[streamed[0]][0], buffers[0], 0)
+        queued = 1
+        for i, block in enumerate(stack):
+            plan = plans[i][0]
+            if not plan:
                 yield block
                 continue
-            slot, self.slot = self.slot, 1 - self.slot
-            n += 1
-            if n < len(streamed):
-                self._prefetch(streamed[n], self.slot)
+            if queued < len(streamed):
+                following = streamed[queued]
+                self._prefetch(plans[following][0], buffers[slot_of[following]], slot_of[following])
+                queued += 1
+            slot = slot_of[i]
             compute.wait_event(self.loaded[slot])
-            buffer = self.buffers[slot]
-            for p, host, offset, size in self.layouts[block]:
-                p.data = buffer[offset: offset + size].view(host.shape)
+            for p, offset in plan:
+                self.swapped.append((p, p.data))
+                p.data = buffers[slot][offset: offset + p.nbytes].view(p.dtype).view(p.shape)
             yield block
             # the block's kernels are queued: its buffer is free once they finish; the parameters go home now
             self.freed[slot].record(compute)
-            for p, host, _, _ in self.layouts[block]:
-                p.data = host
+            self.restore()
+
+    def _prefetch(self, plan: list[tuple[nn.Parameter, int]], buffer: torch.Tensor, slot: int) -> None:
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.freed[slot])
+            for p, offset in plan:
+                buffer[offset: offset + p.nbytes].copy_(p.data.reshape(-1).view(torch.uint8), non_blocking=True)
+            self.loaded[slot].record(self.copy_stream)
+
+    def restore(self) -> None:
+        """Point every parameter now on a buffer back at its host memory."""
+        for p, host in self.swapped:
+            p.data = host
+        self.swapped.clear()
