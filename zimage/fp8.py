@@ -4,6 +4,10 @@ Each weight matrix is stored in float8 e4m3 with one float32 scale per output ro
 quantized per token at run time (one scale per row of x). y = (x_q * s_x) (W_q * s_w)^T is then one
 scaled FP8 GEMM with a bf16 result (torch._scaled_mm, rowwise scales, Hopper and newer). Elsewhere the
 same arithmetic runs on dequantized tensors, so CPU tests see the rounding the GPU kernel sees.
+
+The GEMM uses fast accumulation (partial sums kept in the tensor cores' own precision): 11% faster on an
+H100, and its error against exact accumulation of the same codes, 2-3e-3, is a tenth of what the e4m3
+rounding itself makes, 3.8e-2 (bench/bench_gemm.py).
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class Fp8Linear(nn.Module):
         x_q, x_scale = quantize_rows(rows)
         if x.is_cuda:
             out = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
-                                   out_dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype)
+                                   out_dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype,
+                                   use_fast_accum=True)
         else:
             out = (x_q.float() * x_scale) @ (self.weight.float() * self.weight_scale).t()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
