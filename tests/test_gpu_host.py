@@ -1,0 +1,39 @@
+"""The nodes on a GPU under ComfyUI's model management when it offloads: with --novram every weight stays in
+host memory, so the engine streams all blocks in (zimage/streaming.py) and ComfyUI casts the rest per use;
+the sampled latent must be the one the fully loaded model (with its CUDA graphs) makes, bit for bit.
+Skipped without CUDA; run on the GPU with `python -m pytest tests -m gpu`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_host import write_transformer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.host,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device on this machine")]
+
+
+def run(comfyui_path: Path, models: Path, out: Path, mode: str) -> dict:
+    script = Path(__file__).with_name("offload_run.py")
+    result = subprocess.run([sys.executable, str(script), str(comfyui_path), str(models), str(out), mode],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return load_file(str(out))
+
+
+def test_novram_streaming_samples_what_the_fully_loaded_model_samples(comfyui_path, tmp_path):
+    models = tmp_path / "diffusion_models"
+    models.mkdir()
+    write_transformer(models / "z_image_turbo_bf16.safetensors")
+    full = run(comfyui_path, models, tmp_path / "full.safetensors", "full")
+    offloaded = run(comfyui_path, models, tmp_path / "novram.safetensors", "novram")
+    assert full["off_gpu_bytes"] == 0
+    assert offloaded["off_gpu_bytes"] > 0.9 * (models / "z_image_turbo_bf16.safetensors").stat().st_size
+    assert torch.isfinite(full["samples"]).all()
+    assert torch.equal(offloaded["samples"], full["samples"])
