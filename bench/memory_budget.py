@@ -54,6 +54,9 @@ def main():
     parser.add_argument("--compile", action="store_true", help="ZImageLoader's compile option")
     parser.add_argument("--weight-dtype", default="default", help="ZImageLoader's weight_dtype")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="ZImageLoader's cuda_graphs option off")
+    parser.add_argument("--comfy-casting", action="store_true",
+                        help="for comparison: the engine's streaming off, so that ComfyUI's per-layer casting "
+                             "copies the weights its partial load left in host memory")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
 
@@ -103,6 +106,22 @@ def main():
     (model,) = nodes["ZImageLoader"]().load(name, args.weight_dtype, "auto", args.compile,
                                             not args.no_cuda_graphs)
 
+    # the transformer's forwards alone (the sampler's time less ComfyUI's model loading), and the bytes of
+    # block weights it found in host memory and streamed in
+    transformer = model.model.diffusion_model
+    if args.comfy_casting:
+        transformer._blocks = lambda stack, device: iter(stack)
+    forwards = []
+
+    def forward_started(module, args):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        streamed = sum(p.nbytes for p in module.parameters() if not p.is_cuda)
+        forwards.append((start, torch.cuda.Event(enable_timing=True), streamed))
+
+    transformer.register_forward_pre_hook(forward_started)
+    transformer.register_forward_hook(lambda module, args, out: forwards[-1][1].record())
+
     def now():
         torch.cuda.synchronize()
         return time.time()
@@ -121,8 +140,12 @@ def main():
         t_sampled = now()
         image = vae.decode(samples["samples"])
         t_done = now()
+        steps = [(start.elapsed_time(end), streamed) for start, end, streamed in forwards]
+        forwards.clear()
         runs.append({"generation": i + 1, "seconds": t_done - t, "text_encode_s": t_encoded - t,
                      "sampling_s": t_sampled - t_encoded, "vae_decode_s": t_done - t_sampled,
+                     "forward_ms": [round(ms, 1) for ms, _ in steps],
+                     "streamed_gib_per_forward": steps[0][1] / GiB if steps else None,
                      "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
                      "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
                      "image": list(image.shape), "finite": bool(torch.isfinite(image).all()),
@@ -135,11 +158,11 @@ def main():
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
               "budget_gib": args.budget_gb, "compile": args.compile,
-              "cuda_graphs": not args.no_cuda_graphs, "weight_dtype": args.weight_dtype, "setup_seconds": setup_s, "runs": runs}
+              "cuda_graphs": not args.no_cuda_graphs, "comfy_casting": args.comfy_casting, "weight_dtype": args.weight_dtype, "setup_seconds": setup_s, "runs": runs}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"memory-{args.budget_gb:g}gb{'-compiled' if args.compile else ''}"
                            f"{'' if args.weight_dtype == 'default' else '-' + args.weight_dtype}"
-                           f"{'-no-graphs' if args.no_cuda_graphs else ''}.json"), "w") as f:
+                           f"{'-no-graphs' if args.no_cuda_graphs else ''}{'-comfy-casting' if args.comfy_casting else ''}.json"), "w") as f:
         json.dump(result, f, indent=2)
 
 
