@@ -68,7 +68,7 @@ class ZImageLoader:
                              "default: bf16 where the device supports it (fp8 files stay fp8 in memory); "
                              "fp8_e4m3fn: the blocks' matrices in fp8, computed in bf16, about half the memory. "
                              "fp8_e4m3fn_fast: fp8 matrix multiplies too (per-row weight scales, activations "
-                             "per token) on Ada/Hopper GPUs; with compile on, about 1.35x faster than compiled "
+                             "per token) on Ada/Hopper GPUs; with compile on, about 1.4x faster than compiled "
                              "bf16 (without compile, quantizing the activations costs what the matmuls save). The "
                              "result moves a little."}),
             "attention": (list(BACKENDS), {"default": "auto", "tooltip":
