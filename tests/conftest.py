@@ -28,7 +28,7 @@ def find_comfyui() -> tuple[Path | None, str]:
 
 
 COMFYUI_PATH, COMFYUI_WHERE = find_comfyui()
-_host_results: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": []}
+_host_results: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": [], "needs_gpu": []}
 
 
 @pytest.fixture(scope="session")
@@ -69,14 +69,20 @@ def pytest_runtest_logreport(report):
     if "host" not in report.keywords:
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        _host_results[report.outcome].append(report.nodeid)
+        # a host test that also needs CUDA is counted apart when it is skipped on a machine without one
+        import torch
+
+        gpu_skip = report.outcome == "skipped" and "gpu" in report.keywords and not torch.cuda.is_available()
+        _host_results["needs_gpu" if gpu_skip else report.outcome].append(report.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
     ran = len(_host_results["passed"]) + len(_host_results["failed"])
     skipped = len(_host_results["skipped"])
     where = COMFYUI_WHERE if COMFYUI_PATH else f"not found ({COMFYUI_WHERE})"
-    terminalreporter.write_sep("=", f"ComfyUI host tests: {ran} ran, {skipped} skipped; host {where}")
+    needs_gpu = len(_host_results["needs_gpu"])
+    gpu_note = f" ({needs_gpu} more need a GPU: run `python -m pytest tests -m gpu` on one)" if needs_gpu else ""
+    terminalreporter.write_sep("=", f"ComfyUI host tests: {ran} ran, {skipped} skipped{gpu_note}; host {where}")
     if skipped:
         terminalreporter.write_line("A skipped host test is not a pass: the nodes were not checked inside ComfyUI.")
 
