@@ -216,8 +216,9 @@ class S3DiT(nn.Module):
 
     def use_cuda_graphs(self) -> None:
         """Replay the forward as a CUDA graph, one per input shape (cuda_graphs.py): the same kernels on the
-        same inputs, launched at once instead of one by one. Used where every weight is on the CUDA device the
-        inputs are on; elsewhere the forward runs as usual. release_cuda_graphs() frees their memory."""
+        same inputs, launched at once instead of one by one. Used for prompts without reference images when
+        every weight is on the CUDA device the inputs are on; otherwise the forward runs as usual.
+        release_cuda_graphs() frees their memory (sample() does when it ends)."""
         self._graphs = GraphedForward()
 
     def release_cuda_graphs(self) -> None:
