@@ -121,13 +121,14 @@ def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None) ->
     model = ZImageModel(model_config, transformer, device=mm.unet_offload_device())
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
-    # ComfyUI's own samplers end with cleanup(): free the CUDA graphs' memory there, as ZImageSampler does
-    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, release_cuda_graphs)
+    # ComfyUI's own samplers end with cleanup(): free the CUDA graphs and streaming buffers there, as
+    # ZImageSampler does
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, release_buffers)
     return patcher
 
 
-def release_cuda_graphs(patcher) -> None:
-    patcher.model.diffusion_model.release_cuda_graphs()
+def release_buffers(patcher) -> None:
+    patcher.model.diffusion_model.release_buffers()
 
 
 def engine_of(model_patcher) -> S3DiT:

@@ -203,6 +203,10 @@ def test_blocks_a_host_left_on_the_cpu_stream_in_and_go_back():
         hook.remove()
         assert all(p.device.type == "cpu" for p in host_params)
         assert torch.equal(partial(latents, sigma, captions), expected)
+        assert partial._streamer.buffers  # kept between forwards
+        partial.release_buffers()
+        assert not partial._streamer.buffers
+        assert torch.equal(partial(latents, sigma, captions), expected)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -236,7 +240,7 @@ def test_cuda_graph_replays_give_the_eager_result(cpu_model, compiled):
                     w.weight = torch.nn.Parameter(w.weight.data * 0.5, requires_grad=False)
             assert torch.equal(graphed(latents, s, captions), eager(latents, s, captions))
         assert len(graphed._graphs.graphs) == 1
-        graphed.release_cuda_graphs()
+        graphed.release_buffers()
         assert not graphed._graphs.graphs
 
 

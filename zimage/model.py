@@ -218,13 +218,16 @@ class S3DiT(nn.Module):
         """Replay the forward as a CUDA graph, one per input shape (cuda_graphs.py): the same kernels on the
         same inputs, launched at once instead of one by one. Used for prompts without reference images when
         every weight is on the CUDA device the inputs are on; otherwise the forward runs as usual.
-        release_cuda_graphs() frees their memory (sample() does when it ends)."""
+        release_buffers() frees their memory (sample() does when it ends)."""
         self._graphs = GraphedForward()
 
-    def release_cuda_graphs(self) -> None:
-        """Drop the captured graphs and the memory they hold; the next forward captures anew."""
+    def release_buffers(self) -> None:
+        """Give back the GPU memory the forward keeps from call to call: the CUDA graphs and the weight-streaming
+        buffers. The next forward makes them anew."""
         if self._graphs is not None:
             self._graphs.clear()
+        if self._streamer is not None:
+            self._streamer.release()
 
     def _block_stacks(self) -> list[nn.ModuleList]:
         stacks = [self.noise_refiner, self.context_refiner, self.layers]

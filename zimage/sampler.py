@@ -126,5 +126,5 @@ def sample(
             if callback is not None:
                 callback(i, x0, x)
     finally:
-        model.release_cuda_graphs()  # their memory goes back to the caller (a VAE decode comes next)
+        model.release_buffers()  # graphs and streaming buffers: the memory goes back to the caller (a VAE decode next)
     return x

@@ -27,6 +27,9 @@ class WeightStreamer:
         # the block that last used buffer k is done; waiting on an event never recorded returns at once
         self.freed = [torch.cuda.Event() for _ in range(2)]
         self.swapped: list[tuple[nn.Parameter, torch.Tensor]] = []  # parameters pointed at a buffer now
+        # kept from stack to stack and forward to forward (allocating anew each time would make the allocator
+        # free and sync under a tight memory cap); release() drops them
+        self.buffers: list[torch.Tensor] = []
 
     def _plan(self, block: nn.Module) -> tuple[list[tuple[nn.Parameter, int]], int]:
         """The block's parameters off the device, each with its byte offset in a buffer; the bytes needed."""
@@ -46,13 +49,7 @@ class WeightStreamer:
             yield from stack
             return
         compute = torch.cuda.current_stream(self.device)
-        size = max(n for _, n in plans)
-        # allocated on the copy stream, which writes them first; record_stream keeps the allocator from
-        # reusing them until the compute stream's reads are done too
-        with torch.cuda.stream(self.copy_stream):
-            buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
-        for buffer in buffers:
-            buffer.record_stream(compute)
+        buffers = self._buffers(max(n for _, n in plans), compute)
         slot_of = {i: k % 2 for k, i in enumerate(streamed)}
         self._prefetch(plans[streamed[0]][0], buffers[0], 0)
         queued = 1
@@ -74,6 +71,18 @@ class WeightStreamer:
             # the block's kernels are queued: its buffer is free once they finish; the parameters go home now
             self.freed[slot].record(compute)
             self.restore()
+
+    def _buffers(self, size: int, compute: torch.cuda.Stream) -> list[torch.Tensor]:
+        if not self.buffers or self.buffers[0].numel() < size:
+            self.buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            # their memory may have been freed by kernels still queued on the compute stream: the copies into
+            # them start after those
+            self.copy_stream.wait_stream(compute)
+        return self.buffers
+
+    def release(self) -> None:
+        """Give the buffers' memory back; the next streamed forward allocates them again."""
+        self.buffers = []
 
     def _prefetch(self, plan: list[tuple[nn.Parameter, int]], buffer: torch.Tensor, slot: int) -> None:
         with torch.cuda.stream(self.copy_stream):
