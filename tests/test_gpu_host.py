@@ -34,6 +34,20 @@ def test_novram_streaming_samples_what_the_fully_loaded_model_samples(comfyui_pa
     full = run(comfyui_path, models, tmp_path / "full.safetensors", "full")
     offloaded = run(comfyui_path, models, tmp_path / "novram.safetensors", "novram")
     assert full["off_gpu_bytes"] == 0
+    assert full["graph_replays"] == 7  # 8 evaluations: the first captures, the others replay
+    assert offloaded["graph_replays"] == 0  # weights in host memory: no graphs
     assert offloaded["off_gpu_bytes"] > 0.9 * (models / "z_image_turbo_bf16.safetensors").stat().st_size
     assert torch.isfinite(full["samples"]).all()
     assert torch.equal(offloaded["samples"], full["samples"])
+
+
+def test_compiled_blocks_inside_comfyui_are_captured_as_cuda_graphs(comfyui_path, tmp_path):
+    """ZImageLoader's compile and cuda_graphs together: the compiled blocks run inside the captured graph."""
+    models = tmp_path / "diffusion_models"
+    models.mkdir()
+    write_transformer(models / "z_image_turbo_bf16.safetensors")
+    full = run(comfyui_path, models, tmp_path / "full.safetensors", "full")
+    compiled = run(comfyui_path, models, tmp_path / "compiled.safetensors", "compiled")
+    assert compiled["graph_replays"] == 7
+    error = (compiled["samples"] - full["samples"]).norm() / full["samples"].norm()
+    assert error < 2e-2  # compiled kernels round bf16 differently, nothing more
