@@ -204,13 +204,13 @@ def main():
             model.use_cuda_graphs()
         return model
 
-    graphed = variant(engine, False, True)
-    compiled, compiled_graphed = variant(engine, True, False), variant(engine, True, True)
-    fp8 = fp8_compiled = fp8_compiled_graphed = None
+    # CUDA graphs go with eager blocks only (S3DiT.use_cuda_graphs says why)
+    graphed, compiled = variant(engine, False, True), variant(engine, True, False)
+    fp8 = fp8_compiled = None
     if not args.no_fp8:
         fp8 = shared_copy(engine)
         fp8.use_fp8_matmuls()
-        fp8_compiled, fp8_compiled_graphed = variant(fp8, True, False), variant(fp8, True, True)
+        fp8_compiled = variant(fp8, True, False)
     weights_all = torch.cuda.memory_allocated() if device == "cuda" else 0
 
     rows, profiles = [], {}
@@ -234,12 +234,8 @@ def main():
                 runs["engine_fp8"] = lambda: fp8(latents, sigma, captions)
             if size in args.compile_sizes:
                 runs["engine_compiled"] = lambda: compiled(latents, sigma, captions)
-                if device == "cuda":
-                    runs["engine_compiled_graphs"] = lambda: compiled_graphed(latents, sigma, captions)
                 if fp8_compiled is not None:
                     runs["engine_fp8_compiled"] = lambda: fp8_compiled(latents, sigma, captions)
-                    if device == "cuda":
-                        runs["engine_fp8_compiled_graphs"] = lambda: fp8_compiled_graphed(latents, sigma, captions)
             row = {"size": size, "batch": batch, "tokens": (size // 16) ** 2 + args.caption}
             with torch.no_grad():
                 outs = {}
@@ -264,8 +260,7 @@ def main():
                         row[f"{name}_vs_comfyui_rel_err"] = ((outs[name].float() - ref).norm() / ref.norm()).item()
                 # what the fast paths change against the eager bf16 engine
                 base = outs["engine"].float()
-                for name in ("engine_graphs", "engine_compiled", "engine_compiled_graphs", "engine_fp8",
-                             "engine_fp8_compiled", "engine_fp8_compiled_graphs"):
+                for name in ("engine_graphs", "engine_compiled", "engine_fp8", "engine_fp8_compiled"):
                     if name in outs:
                         row[f"{name}_vs_engine_rel_err"] = ((outs[name].float() - base).norm() / base.norm()).item()
                 if "diffusers" in outs:
@@ -300,20 +295,18 @@ def write_table(result: dict, path: str) -> None:
     lines = ["# S3-DiT forward: engine vs ComfyUI native vs diffusers", "",
              f"{result['device']}, torch {result['torch']}, {result['date']}, `{result['command']}`", "",
              "Milliseconds per forward (median of CUDA-event timings). Ratios are to native ComfyUI eager, same run.", "",
-             "| size | batch | engine | + graphs | compiled | compiled + graphs | fp8 | fp8 compiled | fp8 compiled + graphs "
-             "| engine (flash attn) | ComfyUI | diffusers | engine/ComfyUI | compiled + graphs/ComfyUI "
-             "| fp8 compiled + graphs/ComfyUI | engine TFLOP/s | peak GiB engine / ComfyUI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| size | batch | engine | + graphs | compiled | fp8 | fp8 compiled "
+             "| engine (flash attn) | ComfyUI | diffusers | engine/ComfyUI | compiled/ComfyUI "
+             "| fp8 compiled/ComfyUI | engine TFLOP/s | peak GiB engine / ComfyUI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        ms = " | ".join(f"{r.get(f'engine{v}_ms', nan):.1f}" for v in
-                        ("", "_graphs", "_compiled", "_compiled_graphs", "_fp8", "_fp8_compiled", "_fp8_compiled_graphs"))
+        ms = " | ".join(f"{r.get(f'engine{v}_ms', nan):.1f}" for v in ("", "_graphs", "_compiled", "_fp8", "_fp8_compiled"))
         lines.append(
             f"| {r['size']} | {r['batch']} | {ms} | {r['engine_flash_ms']:.1f} | "
             f"{r['comfyui_ms']:.1f} | {r.get('diffusers_ms', nan):.1f} | {r['engine_over_comfyui']:.2f} | "
-            f"{r.get('engine_compiled_graphs_over_comfyui', nan):.2f} | "
-            f"{r.get('engine_fp8_compiled_graphs_over_comfyui', nan):.2f} | "
+            f"{r.get('engine_compiled_over_comfyui', nan):.2f} | {r.get('engine_fp8_compiled_over_comfyui', nan):.2f} | "
             f"{r['engine_tflops']:.0f} | {r['engine_peak_gib']:.2f} / {r['comfyui_peak_gib']:.2f} |")
-    versus = ("graphs", "compiled", "compiled_graphs", "fp8", "fp8_compiled", "fp8_compiled_graphs")
+    versus = ("graphs", "compiled", "fp8", "fp8_compiled")
     lines += ["", "Relative error of the velocity (‖a − b‖ / ‖b‖):", "",
               "| size | batch | engine vs ComfyUI | engine vs diffusers | "
               + " | ".join(f"{v.replace('_', ' ').replace(' graphs', ' + graphs')} vs engine" for v in versus) + " |",

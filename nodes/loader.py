@@ -79,8 +79,8 @@ class ZImageLoader:
                         "Needs Triton; the first run at each new image size spends 15-30 s compiling."}),
             "cuda_graphs": ("BOOLEAN", {"default": True, "tooltip":
                             "Replay each sampling step as one CUDA graph (the same kernels, the same result) when "
-                            "the whole model is on the GPU: less launch overhead. Its memory is freed after "
-                            "sampling. Off: launch kernel by kernel."}),
+                            "the whole model is on the GPU and compile is off: less launch overhead, most at small "
+                            "sizes. Its memory is freed after sampling. Off: launch kernel by kernel."}),
         }}
 
     def load(self, model_name, weight_dtype, attention, compile=False, cuda_graphs=True):

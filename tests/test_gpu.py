@@ -209,16 +209,12 @@ def test_blocks_a_host_left_on_the_cpu_stream_in_and_go_back():
         assert torch.equal(partial(latents, sigma, captions), expected)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_graph_replays_give_the_eager_result(cpu_model, compiled):
+def test_cuda_graph_replays_give_the_eager_result(cpu_model):
     """A graph replays the kernels the eager forward ran: the same velocity, bit for bit, at every step and
     shape; a weight replaced or moved drops the graphs, and weights changed in place are read anew."""
     g = torch.Generator().manual_seed(14)
     eager = on_cuda(cpu_model, torch.bfloat16, "auto")
     graphed = on_cuda(cpu_model, torch.bfloat16, "auto")
-    if compiled:
-        eager.compile_blocks()
-        graphed.compile_blocks()
     graphed.use_cuda_graphs()
     shapes = [((1, 16, 32, 48), (77,)), ((2, 16, 32, 32), (20, 90))]
     with torch.no_grad():
@@ -242,6 +238,52 @@ def test_cuda_graph_replays_give_the_eager_result(cpu_model, compiled):
         assert len(graphed._graphs.graphs) == 1
         graphed.release_buffers()
         assert not graphed._graphs.graphs
+
+
+def test_compiled_blocks_run_without_cuda_graphs(cpu_model):
+    """Over compiled blocks graphs are not used (S3DiT.use_cuda_graphs says why): the compiled result, no capture."""
+    g = torch.Generator().manual_seed(20)
+    latents = torch.randn(1, 16, 32, 32, generator=g).cuda()
+    captions = [torch.randn(30, CFG.cap_feat_dim, generator=g).cuda().bfloat16()]
+    sigma = torch.tensor([0.4], device="cuda")
+    model = on_cuda(cpu_model, torch.bfloat16, "auto")
+    model.compile_blocks()
+    model.use_cuda_graphs()
+    with torch.no_grad():
+        expected = on_cuda(cpu_model, torch.bfloat16, "auto")(latents, sigma, captions).float()
+        for _ in range(2):
+            assert rel_err(model(latents, sigma, captions).float(), expected) < 1e-2
+    assert not model._graphs.graphs
+
+
+def test_an_interruption_during_capture_gets_through(cpu_model):
+    """A host's interruption raised inside the forward while it is being captured reaches the caller (not
+    taken for a capture failure), and the next call captures and replays as usual."""
+    class Interrupted(Exception):
+        pass
+
+    model = on_cuda(cpu_model, torch.bfloat16, "auto")
+    reference = on_cuda(cpu_model, torch.bfloat16, "auto")
+    model.use_cuda_graphs()
+    latents = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(18)).cuda()
+    captions = [torch.randn(20, CFG.cap_feat_dim, generator=torch.Generator().manual_seed(19)).cuda().bfloat16()]
+    sigma = torch.tensor([0.5], device="cuda")
+    calls = []
+
+    def interrupt_the_second_call(module, args):  # the first call runs eagerly, the second is the capture
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted()
+
+    hook = model.layers[0].register_forward_pre_hook(interrupt_the_second_call)
+    with torch.no_grad():
+        with pytest.raises(Interrupted):
+            model(latents, sigma, captions)
+        hook.remove()
+        expected = reference(latents, sigma, captions)
+        for _ in range(2):
+            assert torch.equal(model(latents, sigma, captions), expected)
+    assert None not in model._graphs.graphs.values()
 
 
 def test_sampling_with_cuda_graphs_matches_and_frees_them(cpu_model):

@@ -41,13 +41,14 @@ def test_novram_streaming_samples_what_the_fully_loaded_model_samples(comfyui_pa
     assert torch.equal(offloaded["samples"], full["samples"])
 
 
-def test_compiled_blocks_inside_comfyui_are_captured_as_cuda_graphs(comfyui_path, tmp_path):
-    """ZImageLoader's compile and cuda_graphs together: the compiled blocks run inside the captured graph."""
+def test_compiled_blocks_inside_comfyui_sample_close_to_eager_without_graphs(comfyui_path, tmp_path):
+    """ZImageLoader's compile with cuda_graphs on: the compiled blocks run, without graphs (S3DiT.use_cuda_graphs
+    says why), and sample what the eager blocks sample up to bf16 rounding."""
     models = tmp_path / "diffusion_models"
     models.mkdir()
     write_transformer(models / "z_image_turbo_bf16.safetensors")
     full = run(comfyui_path, models, tmp_path / "full.safetensors", "full")
     compiled = run(comfyui_path, models, tmp_path / "compiled.safetensors", "compiled")
-    assert compiled["graph_replays"] == 7
+    assert compiled["graph_replays"] == 0
     error = (compiled["samples"] - full["samples"]).norm() / full["samples"].norm()
     assert error < 2e-2  # compiled kernels round bf16 differently, nothing more

@@ -35,8 +35,14 @@ class CapturedForward:
             self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 self.output = fn(*self.inputs)
-            finally:
-                self.graph.capture_end()
+            except BaseException:
+                # end the broken capture, but raise what stopped it (a host's interruption must get through)
+                try:
+                    self.graph.capture_end()
+                except RuntimeError:
+                    pass
+                raise
+            self.graph.capture_end()
         caller.wait_stream(stream)
 
     def replay(self, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -70,10 +76,16 @@ class GraphedForward:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
-            self.graphs[key] = CapturedForward(fn, inputs, self.pool, keep)
-        except RuntimeError as e:  # an operation that cannot be captured: this shape runs as usual
+            graph = CapturedForward(fn, inputs, self.pool, keep)
+        except BaseException as e:
+            if all(g is None for g in self.graphs.values()):
+                self.pool = None  # the broken graph was the pool's only user and took the pool with it
+            if not isinstance(e, RuntimeError):
+                raise  # a host's interruption, say: not a capture problem
+            # an operation that cannot be captured: this shape runs as usual
             logging.warning(f"Z-Image: CUDA graph capture failed, running without it at this shape: {e}")
-            self.graphs[key] = None
+            graph = None
+        self.graphs[key] = graph
         return out
 
     def clear(self) -> None:
