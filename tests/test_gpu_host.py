@@ -19,7 +19,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.host,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device on this machine")]
 
 
-def run(comfyui_path: Path, models: Path, out: Path, mode: str) -> dict:
+MODEL_FILE = "z_image_turbo_bf16.safetensors"
+
+
+def sample_in_comfyui(comfyui_path: Path, tmp_path: Path, mode: str) -> dict:
+    """offload_run.py on the tiny transformer (written once per test) in a process of its own."""
+    models = tmp_path / "diffusion_models"
+    if not models.exists():
+        models.mkdir()
+        write_transformer(models / MODEL_FILE)
+    out = tmp_path / f"{mode}.safetensors"
     script = Path(__file__).with_name("offload_run.py")
     result = subprocess.run([sys.executable, str(script), str(comfyui_path), str(models), str(out), mode],
                             capture_output=True, text=True, timeout=300)
@@ -28,15 +37,12 @@ def run(comfyui_path: Path, models: Path, out: Path, mode: str) -> dict:
 
 
 def test_novram_streaming_samples_what_the_fully_loaded_model_samples(comfyui_path, tmp_path):
-    models = tmp_path / "diffusion_models"
-    models.mkdir()
-    write_transformer(models / "z_image_turbo_bf16.safetensors")
-    full = run(comfyui_path, models, tmp_path / "full.safetensors", "full")
-    offloaded = run(comfyui_path, models, tmp_path / "novram.safetensors", "novram")
+    full = sample_in_comfyui(comfyui_path, tmp_path, "full")
+    offloaded = sample_in_comfyui(comfyui_path, tmp_path, "novram")
     assert full["off_gpu_bytes"] == 0
     assert full["graph_replays"] == 7  # 8 evaluations: the first captures, the others replay
     assert offloaded["graph_replays"] == 0  # weights in host memory: no graphs
-    assert offloaded["off_gpu_bytes"] > 0.9 * (models / "z_image_turbo_bf16.safetensors").stat().st_size
+    assert offloaded["off_gpu_bytes"] > 0.9 * (tmp_path / "diffusion_models" / MODEL_FILE).stat().st_size
     assert torch.isfinite(full["samples"]).all()
     assert torch.equal(offloaded["samples"], full["samples"])
 
@@ -44,11 +50,8 @@ def test_novram_streaming_samples_what_the_fully_loaded_model_samples(comfyui_pa
 def test_compiled_blocks_inside_comfyui_sample_close_to_eager_without_graphs(comfyui_path, tmp_path):
     """ZImageLoader's compile with cuda_graphs on: the compiled blocks run, without graphs (S3DiT.use_cuda_graphs
     says why), and sample what the eager blocks sample up to bf16 rounding."""
-    models = tmp_path / "diffusion_models"
-    models.mkdir()
-    write_transformer(models / "z_image_turbo_bf16.safetensors")
-    full = run(comfyui_path, models, tmp_path / "full.safetensors", "full")
-    compiled = run(comfyui_path, models, tmp_path / "compiled.safetensors", "compiled")
+    full = sample_in_comfyui(comfyui_path, tmp_path, "full")
+    compiled = sample_in_comfyui(comfyui_path, tmp_path, "compiled")
     assert compiled["graph_replays"] == 0
     error = (compiled["samples"] - full["samples"]).norm() / full["samples"].norm()
     assert error < 2e-2  # compiled kernels round bf16 differently, nothing more
