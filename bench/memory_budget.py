@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import sys
@@ -74,12 +73,10 @@ def main():
     from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("comfyui_zimage", os.path.join(PACK, "__init__.py"),
-                                                  submodule_search_locations=[PACK])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_zimage"] = pack
-    spec.loader.exec_module(pack)
-    nodes = pack.NODE_CLASS_MAPPINGS
+    sys.path[1:1] = [PACK, os.path.join(PACK, "tests")]  # the engine, and the tests' way of importing the pack
+    from comfy_host import import_pack
+
+    nodes = import_pack().NODE_CLASS_MAPPINGS
     from comfyui_zimage.zimage import S3DiT, ZImageConfig
 
     os.makedirs(args.models, exist_ok=True)

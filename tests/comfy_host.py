@@ -118,6 +118,24 @@ def build_base_directory(base: Path) -> Path:
     return base
 
 
+def import_pack(name: str = "comfyui_zimage"):
+    """The pack imported in-process as ComfyUI imports a custom node: a package (its relative imports work)
+    under a module name of its own, registered in sys.modules. ComfyUI's folder must be on sys.path first."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(PACK_ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -47,22 +47,11 @@ def comfyui_path() -> Path:
 
 @pytest.fixture(scope="session")
 def zimage_pack(comfyui_path):
-    """The pack imported in-process as ComfyUI imports a custom node: a package (its relative imports work)
-    under a module name of its own, registered in sys.modules. Submodules: f"{zimage_pack.__name__}.nodes.lora"."""
-    import importlib.util
+    """The pack imported in-process as ComfyUI imports a custom node (comfy_host.import_pack).
+    Submodules: f"{zimage_pack.__name__}.nodes.lora"."""
+    from comfy_host import import_pack
 
-    name = "comfyui_zimage"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(PACK_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
+    return import_pack()
 
 
 def pytest_runtest_logreport(report):

@@ -6,7 +6,6 @@ transformer found off the GPU at its first forward, and how many forwards were C
     python tests/offload_run.py COMFYUI MODELS_DIR OUT.safetensors full|novram|compiled
 """
 
-import importlib.util
 import os
 import sys
 
@@ -20,13 +19,10 @@ comfy.cli_args.args.novram = mode == "novram"
 import folder_paths  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-pack_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("comfyui_zimage", os.path.join(pack_root, "__init__.py"),
-                                              submodule_search_locations=[pack_root])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["comfyui_zimage"] = pack
-spec.loader.exec_module(pack)
-nodes = pack.NODE_CLASS_MAPPINGS
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the engine, for comfy_host
+from comfy_host import import_pack  # noqa: E402
+
+nodes = import_pack().NODE_CLASS_MAPPINGS
 from comfyui_zimage.zimage.cuda_graphs import CapturedForward  # noqa: E402
 
 replays = []  # how many evaluations were CUDA-graph replays

@@ -94,8 +94,8 @@ def test_compiled_blocks_compute_the_eager_function():
 
 
 def test_cuda_graphs_leave_cpu_forwards_and_sampling_as_they_were():
-    """use_cuda_graphs only changes CUDA forwards (tests/test_gpu.py): on the CPU every call runs as before,
-    and sample() releases the graphs when it ends."""
+    """use_cuda_graphs only changes CUDA forwards (tests/test_gpu.py captures, replays and releases them): on
+    the CPU every forward and every sampling run gives what the model without it gives, and nothing is captured."""
     from zimage import flow_sigmas, make_noise, sample
 
     model = randomize_(S3DiT(CFG), seed=9).eval()

@@ -1,9 +1,8 @@
 """CUDA graphs: the whole forward as one launch.
 
-A forward queues about a thousand kernels (compiled, about four hundred); between them the GPU waits on
-Python. The sampler calls the transformer with the same shapes at every step, so the first call at a shape
-runs as usual (compiling, choosing cuDNN plans, building the RoPE tables) and is then captured into a
-CUDA graph; every later call copies its inputs into the graph's own input tensors and replays it. The
+A forward queues about a thousand kernels; between them the GPU waits on Python. The sampler calls the
+transformer with the same shapes at every step, so the first call at a shape runs as usual (choosing cuDNN
+plans, building the RoPE tables) and is then captured into a CUDA graph; every later call copies its inputs into the graph's own input tensors and replays it. The
 kernels and their inputs are the same, so the result is too.
 
 A graph reads the weights at the addresses they had when it was captured: the graphs are dropped as soon
@@ -72,7 +71,7 @@ class GraphedForward:
         if key in self.graphs:
             graph = self.graphs[key]
             return fn(*inputs) if graph is None else graph.replay(inputs)
-        out = fn(*inputs)  # outside the capture: compiles, picks kernels and plans, allocates lookups
+        out = fn(*inputs)  # outside the capture: picks kernels and plans, allocates lookups
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
