@@ -78,9 +78,23 @@ class ComfyFp8Linear(Fp8Linear):
             self.weight = torch.nn.Parameter(codes, requires_grad=False)
 
 
+class ComfyRMSNorm(RMSNorm, comfy.ops.CastWeightBiasOp):
+    """The engine's RMSNorm, castable as ComfyUI's own norms are: lowvram may leave its weight in host memory,
+    and a LoRA may patch it at each use. Its weight is cast and patched the way ComfyUI's ops do it, in
+    weight_for, through which the engine's fused kernels read it too."""
+
+    bias = None
+
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        if self.comfy_cast_weights or self.weight_function:
+            return comfy.ops.cast_bias_weight(self, x)[0]
+        return self.weight
+
+
 def _adopt_comfy_ops(module: torch.nn.Module, ops) -> None:
-    """Swap each Linear and RMSNorm for ComfyUI's castable equivalent, sharing the same parameters, so that
-    lowvram partial loading and fp8 storage (cast per layer at use) work as they do for native models."""
+    """Swap each Linear for ComfyUI's castable equivalent and each RMSNorm for ComfyRMSNorm, sharing the same
+    parameters, so that lowvram partial loading and fp8 storage (cast per layer at use) work as they do for
+    native models."""
     for name, child in list(module.named_children()):
         if type(child) is torch.nn.Linear:
             new = ops.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
@@ -88,7 +102,8 @@ def _adopt_comfy_ops(module: torch.nn.Module, ops) -> None:
         elif type(child) is Fp8Linear:
             new = ComfyFp8Linear(child.weight.data, child.weight_scale.data)
         elif type(child) is RMSNorm:
-            new = ops.RMSNorm(child.weight.shape[0], eps=child.eps, elementwise_affine=True, device="meta")
+            with torch.device("meta"):
+                new = ComfyRMSNorm(child.weight.shape[0], eps=child.eps)
             new.weight = child.weight
         else:
             _adopt_comfy_ops(child, ops)

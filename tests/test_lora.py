@@ -438,6 +438,36 @@ def test_weights_are_patched_once_not_per_step(comfy, loras, base, caplog, monke
     assert torch.equal(first, second)
 
 
+def test_norm_weights_patched_per_use_reach_the_fused_norms(comfy, base):
+    """Under lowvram ComfyUI patches an offloaded module's weight at each use (its weight_function) instead of
+    in place. The norms run inside fused kernels (zimage/fused.py) that read their weight through weight_for:
+    such a patch must apply there as it does in ComfyUI's own norms, for every kind of norm in a block."""
+    model, original = base
+    transformer = model.model.diffusion_model
+    patched = ["layers.0.attention_norm1", "layers.0.attention_norm2", "layers.1.ffn_norm1", "layers.1.ffn_norm2",
+               "layers.0.attention.q_norm", "context_refiner.0.attention.k_norm"]
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, CFG.in_channels, 8, 8, generator=g)
+    captions = [torch.randn(9, CFG.cap_feat_dim, generator=g)]
+    sigma = torch.tensor([0.6])
+    reference = S3DiT(CFG).eval()
+    reference.load_state_dict({k.removeprefix("diffusion_model."): v for k, v in original.items()
+                               if k.startswith("diffusion_model.")})
+    with torch.no_grad():
+        for name in patched:
+            transformer.get_submodule(name).weight_function = [lambda w: w * 1.5 - 0.25]
+            reference.get_submodule(name).weight.mul_(1.5).sub_(0.25)
+        try:
+            got = transformer(latents, sigma, captions)
+        finally:
+            for name in patched:
+                transformer.get_submodule(name).weight_function = []
+        expected = reference(latents, sigma, captions)
+        unpatched = transformer(latents, sigma, captions)
+    assert rel_err(got, expected) < 1e-6
+    assert rel_err(unpatched, expected) > 1e-3, "the patches had no visible effect"
+
+
 def test_sampling_with_a_lora_changes_the_result_and_unpatch_restores(comfy, loras, base, caplog):
     model, original = base
     lora = loras["kohya-musubi"]

@@ -26,8 +26,9 @@ from .config import ZImageConfig
 from .fp8 import use_fp8_linears
 from .omni import OmniLayout, Reference, build_layout, check_references, flatten_siglip, pad_tokens, round_up
 from .cuda_graphs import GraphedForward
+from .fused import add_gated_norm, norm_modulate, qk_norm_rope, swiglu
 from .streaming import WeightStreamer
-from .rope import apply_rope, inverse_frequencies, rope_angles
+from .rope import inverse_frequencies, rope_angles
 
 
 class RMSNorm(nn.Module):
@@ -36,8 +37,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight that scales x. A host that keeps weights elsewhere and casts or patches them per use
+        overrides this (nodes/comfy_model.py); the fused kernels (fused.py) read the weight through it too."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight_for(x), self.eps)
 
 
 class SelfAttention(nn.Module):
@@ -53,9 +59,9 @@ class SelfAttention(nn.Module):
         self.attend = attention
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None):
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)  # each [B, S, H, D]
-        q = apply_rope(self.q_norm(q), *rope)
-        k = apply_rope(self.k_norm(k), *rope)
+        qkv = self.qkv(x)
+        q, k = qk_norm_rope(qkv, self.n_heads, self.q_norm, self.k_norm, *rope)  # each [B, S, H, D]
+        v = qkv.unflatten(-1, (3, self.n_heads, -1))[:, :, 2]
         out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)
         return self.out(out.transpose(1, 2).flatten(2))
 
@@ -72,7 +78,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 def per_token(modulation: torch.Tensor, noisy: torch.Tensor | None) -> torch.Tensor:
@@ -99,13 +105,15 @@ class TransformerBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.t_embed_dim, 4 * cfg.dim))
 
     def forward(self, x, rope, key_mask, t_emb: torch.Tensor | None = None, noisy: torch.Tensor | None = None):
-        if not self.modulated:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_mask))
-            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        scale_attn, gate_attn, scale_ffn, gate_ffn = per_token(self.adaLN_modulation(t_emb), noisy).chunk(4, dim=-1)
-        x = x + gate_attn.tanh() * self.attention_norm2(
-            self.attention(self.attention_norm1(x) * (1 + scale_attn), rope, key_mask))
-        return x + gate_ffn.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_ffn)))
+        # x + tanh(gate) * norm2(sublayer(norm1(x) * (1 + scale))), for attention then the feed-forward;
+        # without modulation, x + norm2(sublayer(norm1(x))). Each norm step is one fused kernel (fused.py).
+        scale_attn = gate_attn = scale_ffn = gate_ffn = None
+        if self.modulated:
+            scale_attn, gate_attn, scale_ffn, gate_ffn = per_token(self.adaLN_modulation(t_emb), noisy).chunk(4, dim=-1)
+        h = self.attention(norm_modulate(x, self.attention_norm1, scale_attn), rope, key_mask)
+        x = add_gated_norm(x, h, self.attention_norm2, gate_attn)
+        h = self.feed_forward(norm_modulate(x, self.ffn_norm1, scale_ffn))
+        return add_gated_norm(x, h, self.ffn_norm2, gate_ffn)
 
 
 class TimestepEmbedder(nn.Module):
