@@ -1,5 +1,8 @@
 """The fused steps of a block (zimage/fused.py) against their formulas, written out here in float64.
 
+(FP8 quantization has its own kernel, checked on the GPU only, in tests/test_gpu.py: the interpreter's e4m3
+casts do not round as the hardware's do.)
+
 Three ways they run: plain PyTorch (the CPU path), the Triton kernels under Triton's interpreter on the CPU
 (in a process of its own: the interpreter is chosen when Triton first builds a kernel), and the Triton
 kernels on the GPU. The shapes are awkward on purpose: widths that are not powers of two, three heads (the
@@ -95,7 +98,7 @@ def test_triton_kernels_compute_the_formulas_under_the_interpreter():
     """The kernels themselves, run by Triton's interpreter on CPU tensors: the CPU machines (CI) check them."""
     pytest.importorskip("triton", reason="Triton is not installed with this PyTorch (it comes with Linux builds)")
     script = ("import json, torch, test_fused; from zimage import fused; "
-              "assert fused.INTERPRETED and fused._triton_runs(torch.zeros(1)); "
+              "assert fused.INTERPRETED and fused.triton_runs(torch.zeros(1)); "
               "print(json.dumps(test_fused.relative_errors('cpu', torch.float32)))")
     here = Path(__file__).parent
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))

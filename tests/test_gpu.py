@@ -97,6 +97,23 @@ def test_fp8_scaled_mm_matches_the_dequantized_product():
     assert rel_err(got, linear.cuda()(x.float()).reshape(-1, 2048)) < 0.06
 
 
+def test_fp8_quantization_kernel_gives_the_pytorch_codes_and_scales(monkeypatch):
+    """quantize_rows' Triton kernel rounds as its PyTorch steps do: the same e4m3 codes and scales, bit for
+    bit, on rows of every scale, widths that are not powers of two, and an all-zero row."""
+    import zimage.fp8 as fp8
+
+    g = torch.Generator().manual_seed(21)
+    for width in (768, 3840, 10240, 100):
+        x = (torch.randn(257, width, generator=g) * torch.logspace(-6, 4, 257)[:, None]).to("cuda", torch.bfloat16)
+        x[3] = 0
+        codes, scale = fp8.quantize_rows(x)
+        monkeypatch.setattr(fp8, "triton_runs", lambda t: False)
+        expected_codes, expected_scale = fp8.quantize_rows(x)
+        monkeypatch.undo()
+        assert torch.equal(codes.view(torch.uint8), expected_codes.view(torch.uint8)), width
+        assert torch.equal(scale, expected_scale), width
+
+
 def test_fp8_model_on_cuda_stays_close_to_float32(cpu_model):
     g = torch.Generator().manual_seed(6)
     latents = torch.randn(1, 16, 64, 64, generator=g)

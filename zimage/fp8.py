@@ -15,18 +15,52 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .fused import tl, triton, triton_runs
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
+E4M3_TOP = E4M3_MAX * (1 - 2**-8)  # what a row's largest element is scaled to (quantize_rows)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (e4m3 values, float32 scale [..., 1]) with x ~= values * scale, one scale per row."""
+    """x [..., K] -> (e4m3 values, float32 scale [..., 1]) with x ~= values * scale, one scale per row.
+
+    The factor sits a hair under E4M3_MAX / amax and is rounded to x's dtype, so that x * factor, rounded to
+    x's dtype too, cannot push a row's largest element past the top code; the scale is its exact inverse.
+    On CUDA one Triton kernel reads each bf16 row once, rounding as these steps do (its codes and scales
+    are bit-equal to theirs, tests/test_gpu.py); elsewhere, and for float32, the PyTorch steps run."""
+    if triton_runs(x) and x.dtype == torch.bfloat16 and x.numel():
+        return _quantize_rows_triton(x)
     amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).float().clamp(min=1e-12)
-    # One multiply in x's own dtype (no float32 copy of the activations: eager runs each step as a pass over
-    # memory). The factor sits a hair under E4M3_MAX / amax, so that rounding it to x's dtype cannot push a
-    # row's largest element past the top code; the scale is its exact inverse.
-    factor = (E4M3_MAX * (1 - 2**-8) / amax).to(x.dtype)
+    factor = (E4M3_TOP / amax).to(x.dtype)
     return (x * factor).to(E4M3), 1 / factor.float()
+
+
+def _quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    width = x.shape[-1]
+    codes = torch.empty(x.shape, dtype=E4M3, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(width)
+    _quantize_rows_kernel[(x.numel() // width,)](x, codes, scale, width, E4M3_TOP, BLOCK=block,
+                                                 num_warps=16 if block > 4096 else 8)
+    return codes, scale
+
+
+if triton is not None:
+
+    @triton.jit  # top arrives as float64 inside torch.compile'd blocks: cast
+    def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, width, top, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        x = tl.load(x_ptr + row * width + cols, mask=mask, other=0.0)
+        amax = tl.maximum(tl.max(tl.abs(x.to(tl.float32)), axis=0), 1e-12)
+        # IEEE division and round-to-nearest casts: the roundings of the PyTorch steps in quantize_rows
+        factor = tl.math.div_rn(tl.cast(top, tl.float32), amax).to(x.dtype, fp_downcast_rounding="rtne")
+        scaled = (x.to(tl.float32) * factor.to(tl.float32)).to(x.dtype, fp_downcast_rounding="rtne")
+        tl.store(codes_ptr + row * width + cols, scaled.to(codes_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, tl.math.div_rn(1.0, factor.to(tl.float32)))
 
 
 def scaled_mm_supported(device: torch.device) -> bool:

@@ -26,13 +26,14 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # PyTorch on Windows or macOS comes without Triton
-    triton = None
+    triton = tl = None
 
 # the interpreter runs kernels on CPU tensors
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton_runs(x: torch.Tensor) -> bool:
+def triton_runs(x: torch.Tensor) -> bool:
+    """Whether x's kernels run in Triton: CUDA tensors, or any under the interpreter."""
     return triton is not None and (x.is_cuda or INTERPRETED)
 
 
@@ -44,7 +45,7 @@ def norm_modulate(x: torch.Tensor, norm, scale: torch.Tensor | None = None) -> t
     """norm(x) * (1 + scale): the input of an attention or feed-forward sublayer.
     x [B, S, D]; scale [B, 1 or S, D] (adaLN), or None for blocks without modulation."""
     weight = norm.weight_for(x)
-    if not _triton_runs(x):
+    if not triton_runs(x):
         y = F.rms_norm(x, weight.shape, weight, norm.eps)
         return y if scale is None else y * (1 + scale)
     x = x.contiguous()
@@ -62,7 +63,7 @@ def add_gated_norm(x: torch.Tensor, y: torch.Tensor, norm, gate: torch.Tensor | 
     """x + tanh(gate) * norm(y): a sublayer's output y added back into the residual stream x.
     x, y [B, S, D]; gate [B, 1 or S, D] (adaLN), or None for blocks without modulation."""
     weight = norm.weight_for(y)
-    if not _triton_runs(x):
+    if not triton_runs(x):
         y = F.rms_norm(y, weight.shape, weight, norm.eps)
         return x + (y if gate is None else gate.tanh() * y)
     x, y = x.contiguous(), y.contiguous()
@@ -82,7 +83,7 @@ def qk_norm_rope(qkv: torch.Tensor, n_heads: int, q_norm, k_norm, cos: torch.Ten
     q, k, _ = qkv.unflatten(-1, (3, n_heads, -1)).unbind(2)
     head_dim = q.shape[-1]
     q_weight, k_weight = q_norm.weight_for(q), k_norm.weight_for(k)
-    if not _triton_runs(qkv) or head_dim & (head_dim - 1):  # the kernel tiles a head as a power of two
+    if not triton_runs(qkv) or head_dim & (head_dim - 1):  # the kernel tiles a head as a power of two
         return (apply_rope(F.rms_norm(q, q_weight.shape, q_weight, q_norm.eps), cos, sin),
                 apply_rope(F.rms_norm(k, k_weight.shape, k_weight, k_norm.eps), cos, sin))
     qkv = qkv.contiguous()
@@ -99,7 +100,7 @@ def qk_norm_rope(qkv: torch.Tensor, n_heads: int, q_norm, k_norm, cos: torch.Ten
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b: the gated activation between a feed-forward's two projections."""
-    if not _triton_runs(a):
+    if not triton_runs(a):
         return F.silu(a) * b
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty_like(a)
@@ -117,6 +118,8 @@ def _row_strides(t: torch.Tensor) -> tuple[int, int]:
     return (t.stride(0) if t.shape[0] > 1 else 0), (t.stride(1) if t.shape[1] > 1 else 0)
 
 
+# Float arguments (eps) are cast to float32 inside the kernels: inside torch.compile'd blocks they arrive as
+# float64.
 if triton is not None:
 
     @triton.jit
@@ -126,7 +129,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         mask = cols < dim
         x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / dim + eps)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / dim + tl.cast(eps, tl.float32))
         y = x * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             scale_row = scale_ptr + (row // seq_len) * scale_stride_b + (row % seq_len) * scale_stride_s
@@ -140,7 +143,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         mask = cols < dim
         y = tl.load(y_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(y * y, axis=0) / dim + eps)
+        rstd = tl.rsqrt(tl.sum(y * y, axis=0) / dim + tl.cast(eps, tl.float32))
         y = y * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             gate_row = gate_ptr + (row // seq_len) * gate_stride_b + (row % seq_len) * gate_stride_s
@@ -156,7 +159,7 @@ if triton is not None:
         offsets = heads * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
         mask = heads < n_heads
         x = tl.load(src + offsets, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + tl.cast(eps, tl.float32))
         x = x * rstd[:, None] * tl.load(w_ptr + tl.arange(0, HEAD_DIM)).to(tl.float32)[None, :]
         even, odd = tl.split(tl.reshape(x, (BLOCK_H, HEAD_DIM // 2, 2)))
         rotated = tl.join(even * cos - odd * sin, even * sin + odd * cos)
