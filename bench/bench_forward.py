@@ -2,7 +2,7 @@
 
 All three models share the engine's weight tensors (ComfyUI uses the same names; diffusers gets row views of
 the fused qkv), so the comparison costs one copy of the weights. Each forward is timed with CUDA events after
-warm-up; the table reports medians, peak memory above the weights, and ratios to native ComfyUI.
+warm-up, the variants in turns (one call each per round); the table reports medians, peak memory above the weights, and ratios to native ComfyUI.
 
     python bench/bench_forward.py --comfyui /path/to/ComfyUI --out bench/results
 """
@@ -85,26 +85,35 @@ def diffusers_model(engine: S3DiT):
     return model.eval()
 
 
-def time_cuda(fn, warmup: int, iters: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_available():  # --device cpu dry run of the script itself
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
+def time_interleaved(runs: dict, warmup: int, iters: int) -> dict[str, tuple[float, float]]:
+    """{name: (median ms, spread ms)}, timing the variants in turns, one call each per round: a GPU's clocks
+    drift as it warms, and timing one variant after another would hand the drift to whichever came last."""
+    for fn in runs.values():
+        for _ in range(warmup):
             fn()
-            times.append(1000 * (time.perf_counter() - t))
-        return statistics.median(times), max(times) - min(times)
-    torch.cuda.synchronize()
-    times = []
+    times = {name: [] for name in runs}
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), (max(times) - min(times))
+        for name, fn in runs.items():
+            if not cuda:  # --device cpu dry run of the script itself
+                t = time.perf_counter()
+                fn()
+                times[name].append(1000 * (time.perf_counter() - t))
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: (statistics.median(t), max(t) - min(t)) for name, t in times.items()}
+
+
+def time_cuda(fn, warmup: int, iters: int) -> tuple[float, float]:
+    """(median ms, spread ms) of one function."""
+    return time_interleaved({"fn": fn}, warmup, iters)["fn"]
 
 
 def peak_above(fn, baseline: int) -> float:
@@ -236,6 +245,15 @@ def main():
                 runs["engine_compiled"] = lambda: compiled(latents, sigma, captions)
                 if fp8_compiled is not None:
                     runs["engine_fp8_compiled"] = lambda: fp8_compiled(latents, sigma, captions)
+            # the same modules on the flash kernel: what choosing cuDNN first is worth
+            def engine_flash(kernels=Attention("flash").kernels):
+                saved, engine.attention.kernels = engine.attention.kernels, kernels
+                try:
+                    return engine(latents, sigma, captions)
+                finally:
+                    engine.attention.kernels = saved
+
+            runs["engine_flash"] = engine_flash
             row = {"size": size, "batch": batch, "tokens": (size // 16) ** 2 + args.caption}
             with torch.no_grad():
                 outs = {}
@@ -245,15 +263,12 @@ def main():
                     if device == "cuda":
                         torch.cuda.synchronize()
                     row[f"{name}_first_call_s"] = time.perf_counter() - t0  # includes compilation
-                    row[f"{name}_ms"], row[f"{name}_spread_ms"] = time_cuda(fn, args.warmup, args.iters)
+                for name, (ms, spread) in time_interleaved(runs, args.warmup, args.iters).items():
+                    row[f"{name}_ms"], row[f"{name}_spread_ms"] = ms, spread
+                for name, fn in runs.items():
                     row[f"{name}_peak_gib"] = peak_above(fn, weights_all)
                     if args.profile and batch == 1 and device == "cuda" and name.startswith("engine"):
                         profiles[f"{name}@{size}"] = kernel_breakdown(fn)
-                # the same modules on the flash kernel: what choosing cuDNN first is worth
-                saved = engine.attention.kernels
-                engine.attention.kernels = Attention("flash").kernels
-                row["engine_flash_ms"], _ = time_cuda(runs["engine"], args.warmup, args.iters)
-                engine.attention.kernels = saved
                 ref = outs["comfyui"].float()
                 for name in outs:
                     if name.startswith("engine"):
@@ -296,15 +311,16 @@ def write_table(result: dict, path: str) -> None:
              f"{result['device']}, torch {result['torch']}, {result['date']}, `{result['command']}`", "",
              "Milliseconds per forward (median of CUDA-event timings). Ratios are to native ComfyUI eager, same run.", "",
              "| size | batch | engine | + graphs | compiled | fp8 | fp8 compiled "
-             "| engine (flash attn) | ComfyUI | diffusers | engine/ComfyUI | compiled/ComfyUI "
-             "| fp8 compiled/ComfyUI | engine TFLOP/s | peak GiB engine / ComfyUI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| engine (flash attn) | ComfyUI | diffusers | engine/ComfyUI | + graphs/ComfyUI | compiled/ComfyUI "
+             "| fp8/ComfyUI | fp8 compiled/ComfyUI | engine TFLOP/s | peak GiB engine / ComfyUI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ms = " | ".join(f"{r.get(f'engine{v}_ms', nan):.1f}" for v in ("", "_graphs", "_compiled", "_fp8", "_fp8_compiled"))
         lines.append(
             f"| {r['size']} | {r['batch']} | {ms} | {r['engine_flash_ms']:.1f} | "
-            f"{r['comfyui_ms']:.1f} | {r.get('diffusers_ms', nan):.1f} | {r['engine_over_comfyui']:.2f} | "
-            f"{r.get('engine_compiled_over_comfyui', nan):.2f} | {r.get('engine_fp8_compiled_over_comfyui', nan):.2f} | "
+            f"{r['comfyui_ms']:.1f} | {r.get('diffusers_ms', nan):.1f} | "
+            + " | ".join(f"{r.get(f'engine{v}_over_comfyui', nan):.2f}" for v in ("", "_graphs", "_compiled", "_fp8", "_fp8_compiled"))
+            + f" | "
             f"{r['engine_tflops']:.0f} | {r['engine_peak_gib']:.2f} / {r['comfyui_peak_gib']:.2f} |")
     versus = ("graphs", "compiled", "fp8", "fp8_compiled")
     lines += ["", "Relative error of the velocity (‖a − b‖ / ‖b‖):", "",

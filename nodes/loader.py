@@ -68,15 +68,15 @@ class ZImageLoader:
                              "default: bf16 where the device supports it (fp8 files stay fp8 in memory); "
                              "fp8_e4m3fn: the blocks' matrices in fp8, computed in bf16, about half the memory. "
                              "fp8_e4m3fn_fast: fp8 matrix multiplies too (per-row weight scales, activations "
-                             "per token) on Ada/Hopper GPUs; with compile on, about 1.4x faster than compiled "
-                             "bf16 (without compile, quantizing the activations costs what the matmuls save). The "
-                             "result moves a little."}),
+                             "per token) on Ada/Hopper GPUs: about 1.4x faster than bf16 on an H100. The result "
+                             "moves a little."}),
             "attention": (list(BACKENDS), {"default": "auto", "tooltip":
                           "Attention kernel, chosen once at load. auto prefers cuDNN, then flash, then the others."}),
         }, "optional": {  # optional, so that workflows saved before this option still load
             "compile": ("BOOLEAN", {"default": False, "tooltip":
-                        "torch.compile each transformer block: about 30% faster sampling on a GPU once compiled. "
-                        "Needs Triton; the first run at each new image size spends 15-30 s compiling."}),
+                        "torch.compile each transformer block. Measured no faster than without it on an H100 "
+                        "since the blocks' elementwise steps run as fused kernels anyway, and the first run at "
+                        "each new image size spends 15-30 s compiling; the result is the same. Needs Triton."}),
             "cuda_graphs": ("BOOLEAN", {"default": True, "tooltip":
                             "Replay each sampling step as one CUDA graph (the same kernels, the same result) when "
                             "the whole model is on the GPU and compile is off: less launch overhead, most at small "
