@@ -41,6 +41,37 @@ def test_bf16_cuda_matches_float32_cpu(cpu_model, attention):
     assert rel_err(got, expected) < 2e-2
 
 
+def test_a_broken_triton_falls_back_to_the_pytorch_steps_with_a_warning(cpu_model, monkeypatch, caplog):
+    """Where Triton cannot build kernels (no C compiler or Python headers for its launcher), the forward warns
+    once and runs the unfused PyTorch steps: the same velocity within bf16 rounding, no failed generation."""
+    import logging
+
+    from zimage import fused
+
+    class CannotBuild:
+        def __getitem__(self, grid):
+            raise RuntimeError("Failed to compile the launcher: no C compiler")
+
+    g = torch.Generator().manual_seed(22)
+    latents = torch.randn(1, 16, 32, 48, generator=g)
+    captions = [torch.randn(50, CFG.cap_feat_dim, generator=g)]
+    sigma = torch.tensor([0.6])
+    model = on_cuda(cpu_model, torch.bfloat16, "auto")
+    with torch.no_grad():
+        expected = cpu_model(latents, sigma, captions)
+        fused_out = model(latents.cuda(), sigma.cuda(), [captions[0].cuda()]).float().cpu()
+        assert fused.TRITON_WORKS is True
+        monkeypatch.setattr(fused, "TRITON_WORKS", None)
+        monkeypatch.setattr(fused, "_swiglu_kernel", CannotBuild())
+        with caplog.at_level(logging.WARNING):
+            fallback = model(latents.cuda(), sigma.cuda(), [captions[0].cuda()]).float().cpu()
+            model(latents.cuda(), sigma.cuda(), [captions[0].cuda()])
+    assert fused.TRITON_WORKS is False
+    assert sum("Triton cannot build kernels" in r.getMessage() for r in caplog.records) == 1
+    assert rel_err(fallback, expected) < 2e-2 and rel_err(fused_out, expected) < 2e-2
+    assert rel_err(fallback, fused_out) < 1e-2
+
+
 def test_float32_cuda_matches_cpu_closely(cpu_model):
     g = torch.Generator().manual_seed(1)
     latents, captions = torch.randn(1, 16, 32, 32, generator=g), [torch.randn(40, CFG.cap_feat_dim, generator=g)]
@@ -101,7 +132,10 @@ def test_fp8_quantization_kernel_gives_the_pytorch_codes_and_scales(monkeypatch)
     """quantize_rows' Triton kernel rounds as its PyTorch steps do: the same e4m3 codes and scales, bit for
     bit, on rows of every scale, widths that are not powers of two, and an all-zero row."""
     import zimage.fp8 as fp8
+    from zimage import fused
 
+    fused.check_triton(torch.device("cuda"))
+    assert fused.TRITON_WORKS
     g = torch.Generator().manual_seed(21)
     for width in (768, 3840, 10240, 100):
         x = (torch.randn(257, width, generator=g) * torch.logspace(-6, 4, 257)[:, None]).to("cuda", torch.bfloat16)

@@ -15,6 +15,7 @@ elsewhere, or patches them per use, supplies its own), `norm.eps` its epsilon.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -30,11 +31,33 @@ except ImportError:  # PyTorch on Windows or macOS comes without Triton
 
 # the interpreter runs kernels on CPU tensors
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# whether Triton builds and launches kernels in this process: None until check_triton has tried
+TRITON_WORKS: bool | None = None
 
 
 def triton_runs(x: torch.Tensor) -> bool:
-    """Whether x's kernels run in Triton: CUDA tensors, or any under the interpreter."""
-    return triton is not None and (x.is_cuda or INTERPRETED)
+    """Whether x's kernels run in Triton: CUDA tensors once check_triton has seen Triton work, or any tensor
+    under the interpreter."""
+    return triton is not None and ((x.is_cuda and bool(TRITON_WORKS)) or INTERPRETED)
+
+
+def check_triton(device: torch.device) -> None:
+    """Build and launch one small kernel on `device`, once per process (S3DiT.forward calls this before its
+    first CUDA forward). A Triton install can be broken: it builds a launcher with the system's C compiler and
+    Python headers, which some machines lack. Then the PyTorch steps run instead, slower, with a warning,
+    rather than every generation failing."""
+    global TRITON_WORKS
+    if TRITON_WORKS is not None or triton is None or device.type != "cuda":
+        return
+    try:
+        a = torch.ones(16, device=device)
+        _swiglu_kernel[(1,)](a, a, torch.empty_like(a), 16, BLOCK=16)
+        TRITON_WORKS = True
+    except Exception as e:  # whatever Triton raised: its compiler's, the driver's
+        logging.warning(f"Z-Image: Triton cannot build kernels here ({type(e).__name__}: {str(e)[:300]}); "
+                        f"running the unfused PyTorch steps, which are slower. A C compiler and the Python "
+                        f"development headers are what Triton usually lacks.")
+        TRITON_WORKS = False
 
 
 def _warps(block: int) -> int:

@@ -26,7 +26,7 @@ from .config import ZImageConfig
 from .fp8 import use_fp8_linears
 from .omni import OmniLayout, Reference, build_layout, check_references, flatten_siglip, pad_tokens, round_up
 from .cuda_graphs import GraphedForward
-from .fused import add_gated_norm, norm_modulate, qk_norm_rope, swiglu
+from .fused import add_gated_norm, check_triton, norm_modulate, qk_norm_rope, swiglu
 from .streaming import WeightStreamer
 from .rope import inverse_frequencies, rope_angles
 
@@ -278,6 +278,7 @@ class S3DiT(nn.Module):
         """
         self._check_inputs(latents, sigma, caption_feats, references)
         device = latents.device
+        check_triton(device)  # once per process: whether the fused kernels can run
         try:
             if references is not None:
                 return self._forward_omni(latents, sigma, caption_feats, references)
