@@ -146,32 +146,41 @@ def _row_strides(t: torch.Tensor) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
+    def _normalized_row(ptr, w_ptr, row, dim, eps, BLOCK: tl.constexpr):
+        """Row `row` of a [rows, dim] tensor, RMS-normalized and scaled by the norm's weight, in float32."""
+        cols = tl.arange(0, BLOCK)
+        mask = cols < dim
+        x = tl.load(ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / dim + tl.cast(eps, tl.float32))
+        return x * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _adaln_row(ptr, row, seq_len, stride_b, stride_s, dim, BLOCK: tl.constexpr):
+        """Token `row`'s row of a [B, 1 or S, D] modulation tensor (scale or gate), by its strides, in float32."""
+        cols = tl.arange(0, BLOCK)
+        row_ptr = ptr + (row // seq_len) * stride_b + (row % seq_len) * stride_s
+        return tl.load(row_ptr + cols, mask=cols < dim, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _norm_modulate_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, seq_len, dim, scale_stride_b, scale_stride_s, eps,
                               HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < dim
-        x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / dim + tl.cast(eps, tl.float32))
-        y = x * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _normalized_row(x_ptr, w_ptr, row, dim, eps, BLOCK)
         if HAS_SCALE:
-            scale_row = scale_ptr + (row // seq_len) * scale_stride_b + (row % seq_len) * scale_stride_s
-            y = y * (1.0 + tl.load(scale_row + cols, mask=mask, other=0.0).to(tl.float32))
-        tl.store(out_ptr + row * dim + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+            y = y * (1.0 + _adaln_row(scale_ptr, row, seq_len, scale_stride_b, scale_stride_s, dim, BLOCK))
+        cols = tl.arange(0, BLOCK)
+        tl.store(out_ptr + row * dim + cols, y.to(out_ptr.dtype.element_ty), mask=cols < dim)
 
     @triton.jit
     def _add_gated_norm_kernel(x_ptr, y_ptr, w_ptr, gate_ptr, out_ptr, seq_len, dim, gate_stride_b, gate_stride_s,
                                eps, HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        y = _normalized_row(y_ptr, w_ptr, row, dim, eps, BLOCK)
+        if HAS_GATE:
+            g = _adaln_row(gate_ptr, row, seq_len, gate_stride_b, gate_stride_s, dim, BLOCK)
+            y = y * (2.0 * tl.sigmoid(2.0 * g) - 1.0)  # tanh(g)
         cols = tl.arange(0, BLOCK)
         mask = cols < dim
-        y = tl.load(y_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(y * y, axis=0) / dim + tl.cast(eps, tl.float32))
-        y = y * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            gate_row = gate_ptr + (row // seq_len) * gate_stride_b + (row % seq_len) * gate_stride_s
-            g = tl.load(gate_row + cols, mask=mask, other=0.0).to(tl.float32)
-            y = y * (2.0 * tl.sigmoid(2.0 * g) - 1.0)  # tanh(g)
         x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * dim + cols, (x + y).to(out_ptr.dtype.element_ty), mask=mask)
 
