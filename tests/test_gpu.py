@@ -67,7 +67,7 @@ def test_a_broken_triton_falls_back_to_the_pytorch_steps_with_a_warning(cpu_mode
             fallback = model(latents.cuda(), sigma.cuda(), [captions[0].cuda()]).float().cpu()
             model(latents.cuda(), sigma.cuda(), [captions[0].cuda()])
     assert fused.TRITON_WORKS is False
-    assert sum("Triton cannot build kernels" in r.getMessage() for r in caplog.records) == 1
+    assert sum("Triton cannot run its kernels" in r.getMessage() for r in caplog.records) == 1
     assert rel_err(fallback, expected) < 2e-2 and rel_err(fused_out, expected) < 2e-2
     assert rel_err(fallback, fused_out) < 1e-2
 
@@ -134,7 +134,7 @@ def test_fp8_quantization_kernel_gives_the_pytorch_codes_and_scales(monkeypatch)
     import zimage.fp8 as fp8
     from zimage import fused
 
-    fused.check_triton(torch.device("cuda"))
+    fused.check_triton(torch.device("cuda"), torch.bfloat16)
     assert fused.TRITON_WORKS
     g = torch.Generator().manual_seed(21)
     for width in (768, 3840, 10240, 100):

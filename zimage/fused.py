@@ -41,23 +41,39 @@ def triton_runs(x: torch.Tensor) -> bool:
     return triton is not None and ((x.is_cuda and bool(TRITON_WORKS)) or INTERPRETED)
 
 
-def check_triton(device: torch.device) -> None:
-    """Build and launch one small kernel on `device`, once per process (S3DiT.forward calls this before its
-    first CUDA forward). A Triton install can be broken: it builds a launcher with the system's C compiler and
-    Python headers, which some machines lack. Then the PyTorch steps run instead, slower, with a warning,
-    rather than every generation failing."""
+def check_triton(device: torch.device, dtype: torch.dtype) -> None:
+    """Build and run every kernel here once, on small `dtype` tensors on `device`, once per process
+    (S3DiT.forward calls this before its first CUDA forward). A Triton install can be broken (it builds a
+    launcher with the system's C compiler and Python headers, which some machines lack), and older GPUs lack
+    what some kernels use. Then the PyTorch steps run instead, slower, after one warning, rather than every
+    generation failing."""
     global TRITON_WORKS
     if TRITON_WORKS is not None or triton is None or device.type != "cuda":
         return
+    TRITON_WORKS = True  # so that the calls below take their kernels
     try:
-        a = torch.ones(16, device=device)
-        _swiglu_kernel[(1,)](a, a, torch.empty_like(a), 16, BLOCK=16)
-        TRITON_WORKS = True
+        x = torch.ones(1, 2, 3 * 2 * 16, device=device, dtype=dtype)
+        norm = _Norm(torch.ones(x.shape[-1], device=device, dtype=dtype))
+        head_norm = _Norm(torch.ones(16, device=device, dtype=dtype))
+        rope = torch.ones(1, 2, 1, 8, device=device)
+        add_gated_norm(x, norm_modulate(x, norm, x), norm, x)
+        qk_norm_rope(x, 2, head_norm, head_norm, rope, rope)
+        swiglu(x, x)
     except Exception as e:  # whatever Triton raised: its compiler's, the driver's
-        logging.warning(f"Z-Image: Triton cannot build kernels here ({type(e).__name__}: {str(e)[:300]}); "
+        logging.warning(f"Z-Image: Triton cannot run its kernels here ({type(e).__name__}: {str(e)[:300]}); "
                         f"running the unfused PyTorch steps, which are slower. A C compiler and the Python "
                         f"development headers are what Triton usually lacks.")
         TRITON_WORKS = False
+
+
+class _Norm:
+    """A stand-in RMSNorm for check_triton: a weight and an eps."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight, self.eps = weight, 1e-6
+
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight
 
 
 def _warps(block: int) -> int:

@@ -278,7 +278,7 @@ class S3DiT(nn.Module):
         """
         self._check_inputs(latents, sigma, caption_feats, references)
         device = latents.device
-        check_triton(device)  # once per process: whether the fused kernels can run
+        check_triton(device, self.dtype)  # once per process: whether the fused kernels can run
         try:
             if references is not None:
                 return self._forward_omni(latents, sigma, caption_feats, references)
