@@ -7,7 +7,7 @@ once, computes in float32 and rounds once, at the end.
 
 Elsewhere (the CPU, Apple's MPS, PyTorch builds without Triton) the same math runs as plain PyTorch. Triton's
 interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors, which is how the CPU tests check them
-against that plain version (tests/test_fused.py).
+against their formulas (tests/test_fused.py).
 
 Norms come in as modules: `norm.weight_for(x)` is the weight to scale x with (a host that keeps weights
 elsewhere, or patches them per use, supplies its own), `norm.eps` its epsilon.
@@ -129,7 +129,7 @@ def qk_norm_rope(qkv: torch.Tensor, n_heads: int, q_norm, k_norm, cos: torch.Ten
     batch, seq_len = qkv.shape[:2]
     out = torch.empty((2, batch, seq_len, n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     cos, sin = cos.contiguous(), sin.contiguous()
-    # the tables may be shared by the batch (batch stride 0 after expand): index them by their strides
+    # a table of batch 1 serves every sample: index the tables by their strides, batch stride 0 then
     rope_b, rope_s = (cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)
     _qk_norm_rope_kernel[(batch * seq_len,)](
         qkv, q_weight, k_weight, cos, sin, out, batch * seq_len, seq_len, n_heads, rope_b, rope_s,

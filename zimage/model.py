@@ -229,9 +229,10 @@ class S3DiT(nn.Module):
         """Replay the forward as a CUDA graph, one per input shape (cuda_graphs.py): the same kernels on the
         same inputs, launched at once instead of one by one. Used for prompts without reference images when
         every weight is on the CUDA device the inputs are on and the blocks are not compiled; otherwise the
-        forward runs as usual. (Over compiled blocks, replays did not always match the same blocks run
-        directly, bit for bit, in 2 of 4 H100 test runs, for a reason not yet found: not used there until it
-        is.) release_buffers() frees their memory (sample() does when it ends)."""
+        forward runs as usual. (Not over compiled blocks: they are no faster than the fused eager blocks, so
+        there is nothing to combine for; an early test that once found replays over them differing from a
+        separately compiled model was not reproduced, bench/results/NOTES.md.) release_buffers() frees their
+        memory (sample() does when it ends)."""
         self._graphs = GraphedForward()
 
     def release_buffers(self) -> None:
