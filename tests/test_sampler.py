@@ -174,6 +174,9 @@ def test_callback_sees_every_step_and_can_interrupt(models):
     (dict(steps=4, shift=3.0, denoise=0.0), "denoise must be in"),
     (dict(steps=4, shift=3.0, denoise=1.5), "denoise must be in"),
     (dict(steps=4, shift=0.0), "shift must be positive"),
+    (dict(steps=4, shift=float("nan")), "shift must be positive and finite"),
+    (dict(steps=4, shift=float("inf")), "shift must be positive and finite"),
+    (dict(steps=4, shift=3.0, denoise=float("nan")), "denoise must be in"),
 ])
 def test_bad_schedules_are_explained(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -184,3 +187,12 @@ def test_guidance_needs_negative(models):
     _, engine = models
     with pytest.raises(ValueError, match="negative"):
         sample(engine, make_noise(0, (1, 16, 4, 4)), flow_sigmas(2, 3.0), captions([3], 0), guidance=2.0)
+
+
+@pytest.mark.parametrize("option", ["guidance", "cfg_normalization", "cfg_truncation"])
+def test_non_finite_guidance_options_are_refused(models, option):
+    """A NaN guidance compares false with 0 and would silently sample without guidance; NaN truncation likewise."""
+    _, engine = models
+    caps = captions([3], 0)
+    with pytest.raises(ValueError, match=f"{option} must be a finite number"):
+        sample(engine, make_noise(0, (1, 16, 4, 4)), flow_sigmas(2, 3.0), caps, caps, **{option: float("nan")})

@@ -9,6 +9,7 @@ x <- x + (sigma_next - sigma) * v. Guidance follows the official Z-Image pipelin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,10 +48,11 @@ def flow_sigmas(steps: int, shift: float, denoise: float = 1.0) -> list[float]:
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    # written so that NaN fails too: every comparison with NaN is false
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
-    if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
+    if not 0.0 < shift < math.inf:
+        raise ValueError(f"shift must be positive and finite, got {shift}")
     total = steps if denoise >= 1.0 else int(steps / denoise)
     t = torch.linspace(1.0, 0.0, total + 1, dtype=torch.float64)
     sigmas = shift * t / (1 + (shift - 1) * t)
@@ -88,6 +90,10 @@ def sample(
     references: Omni-Base / Edit: per sample, its clean reference images, given to every evaluation (the
     negative pass too) and never integrated; positive and negative captions are then lists of chunks.
     """
+    for name, value in (("guidance", guidance), ("cfg_normalization", cfg_normalization),
+                        ("cfg_truncation", cfg_truncation)):
+        if not math.isfinite(value):  # a NaN guidance or truncation would silently turn guidance off
+            raise ValueError(f"{name} must be a finite number, got {value}")
     if guidance > 0 and negative is None:
         raise ValueError("guidance > 0 needs negative captions (an empty prompt's are the usual choice)")
     if len(positive) != noise.shape[0] or (negative is not None and len(negative) != noise.shape[0]):
