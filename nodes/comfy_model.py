@@ -64,14 +64,22 @@ class ComfyFp8Linear(Fp8Linear):
     """An Fp8Linear as ComfyUI's weight patcher sees it (its convert_/set_ hooks for quantized weights): a LoRA
     patch applies to the real weight, codes times row scales, and is written back on the same row scales, so
     that the patcher's backup of the codes alone restores the layer. A LoRA's change is often smaller than one
-    e4m3 step, so it is rounded stochastically (as ComfyUI rounds its own fp8 weights): kept on average."""
+    e4m3 step, so it is rounded stochastically (as ComfyUI rounds its own fp8 weights): kept on average.
 
-    def convert_weight(self, weight: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    The hooks take the keywords of ComfyUI's own quantized ops. Since 0.14 the patcher can be asked for a
+    patched weight without setting it (patch_weight_to_device(return_weight=True), through which its model
+    saving reads cast weights): set_weight then returns the codes on the unchanged row scales, as the state
+    dict holds them, and leaves the layer alone. **kwargs: keywords later versions add."""
+
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
         return weight * self.weight_scale.to(weight)
 
-    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None) -> None:
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
+                   **kwargs) -> torch.Tensor | None:
         scaled = (weight / self.weight_scale.to(weight)).clamp(-E4M3_MAX, E4M3_MAX)
         codes = comfy.float.stochastic_rounding(scaled, E4M3, seed=seed or 0)
+        if return_weight:
+            return codes
         if inplace_update:
             self.weight.data.copy_(codes)
         else:

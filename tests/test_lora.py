@@ -26,6 +26,7 @@ checks only that what native does apply is right, and that ZImageLoraLoader appl
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,35 +500,98 @@ def test_sampling_with_a_lora_changes_the_result_and_unpatch_restores(comfy, lor
         assert torch.equal(value, original[key]), key
 
 
-def test_lora_on_fp8_matmul_weights_patches_the_real_weight_and_unpatch_restores(comfy, loras, caplog):
-    """fp8_e4m3fn_fast keeps e4m3 codes with per-row scales: a LoRA lands on codes x scales, in fp8 rounding."""
+@dataclass
+class Fp8Model:
+    patcher: object  # the MODEL, its blocks' linears in e4m3 codes with row scales (fp8_e4m3fn_fast)
+    reference: dict[str, torch.Tensor]  # the float weights the codes were made from
+    codes: dict[str, torch.Tensor]  # its state dict as loaded: codes and scales
+
+
+def fp8_model(comfy) -> Fp8Model:
     transformer = randomize_(comfy["S3DiT"](CFG), MODEL_SEED).eval()
     reference = {f"diffusion_model.{k}": v.detach().clone() for k, v in transformer.state_dict().items()}
     transformer.use_fp8_matmuls()
     model = comfy["comfy_model"](transformer)
-    codes = {k: v.clone() for k, v in model.model.state_dict().items()}
+    return Fp8Model(model, reference, {k: v.clone() for k, v in model.model.state_dict().items()})
+
+
+def fp8_targets(fp8: Fp8Model, entries: list[Entry]) -> list[str]:
+    targeted = {f"diffusion_model.{e.target.comfy}.weight" for e in entries}
+    keys = sorted(k for k in targeted if k + "_scale" in fp8.codes)
+    assert keys  # the blocks' linears are fp8 here
+    return keys
+
+
+def assert_fp8_merged(fp8: Fp8Model, key: str, codes: torch.Tensor, expected: dict):
+    """e4m3 codes on the layer's unchanged row scales hold the merged weight `expected[key]`."""
+    assert codes.dtype == torch.float8_e4m3fn, key
+    scale = fp8.codes[key + "_scale"].double()
+    change = (codes.double() - fp8.codes[key].double()) * scale
+    delta = expected[key] - fp8.reference[key].double()
+    # the LoRA's change is mostly below one e4m3 step; rounded stochastically, it arrives on average:
+    # the least-squares slope of the weight's change on the LoRA's delta is 1
+    slope = (change * delta).sum() / (delta * delta).sum()
+    assert abs(slope.item() - 1) < 0.15, (key, slope.item())
+    # and the layer is the merged weight up to e4m3 rounding
+    assert rel_err(codes.double() * scale, expected[key]) < 0.08, key
+
+
+@pytest.mark.parametrize("loader", ["ours", "native"])
+def test_lora_on_fp8_matmul_weights_patches_the_real_weight_and_unpatch_restores(comfy, loras, loader, caplog):
+    """fp8_e4m3fn_fast keeps e4m3 codes with per-row scales: a LoRA lands on codes x scales, in fp8 rounding,
+    through our loader and ComfyUI's own LoraLoaderModelOnly alike (the patcher calls the layer's hooks)."""
+    fp8 = fp8_model(comfy)
     lora = loras["comfyui"]
-    patched = load_ours(comfy, model, lora.name, 1.0, caplog)
-    expected = expected_state(reference, lora.entries, 1.0)
-    targeted = {f"diffusion_model.{e.target.comfy}.weight" for e in lora.entries}
-    fp8_targets = [k for k in targeted if k + "_scale" in codes]
-    assert fp8_targets  # the blocks' linears are fp8 here
+    if loader == "ours":
+        patched = load_ours(comfy, fp8.patcher, lora.name, 1.0, caplog)
+    else:
+        patched, missed = load_native(comfy, fp8.patcher, lora.name, 1.0, caplog)
+        assert missed == set()
+    expected = expected_state(fp8.reference, lora.entries, 1.0)
     patched.patch_model()
     try:
         state = patched.model.state_dict()
-        for key in fp8_targets:
-            scale = state[key + "_scale"].double()
-            change = (state[key].double() - codes[key].double()) * scale
-            delta = expected[key] - reference[key].double()
-            # the LoRA's change is mostly below one e4m3 step; rounded stochastically, it arrives on average:
-            # the least-squares slope of the weight's change on the LoRA's delta is 1
-            slope = (change * delta).sum() / (delta * delta).sum()
-            assert abs(slope.item() - 1) < 0.15, (key, slope.item())
-            # and the layer is the merged weight up to e4m3 rounding
-            assert rel_err(state[key].double() * scale, expected[key]) < 0.08, key
-            assert torch.equal(state[key + "_scale"], codes[key + "_scale"]), "row scales must not move"
+        for key in fp8_targets(fp8, lora.entries):
+            assert_fp8_merged(fp8, key, state[key], expected)
+            assert torch.equal(state[key + "_scale"], fp8.codes[key + "_scale"]), "row scales must not move"
     finally:
         patched.unpatch_model()
     for key, value in patched.model.state_dict().items():
-        assert torch.equal(value, codes[key]), f"{key} not restored by unpatch_model"
+        assert torch.equal(value, fp8.codes[key]), f"{key} not restored by unpatch_model"
     comfy["mm"].unload_all_models()
+
+
+def test_fp8_hooks_return_the_patched_weight_when_asked_and_take_new_keywords(comfy):
+    """The protocol of ComfyUI's weight hooks on every host: set_weight(return_weight=True) gives the codes
+    without touching the layer, and keywords a later ComfyUI may add do not break either hook."""
+    fp8 = fp8_model(comfy)
+    key = "diffusion_model.layers.0.feed_forward.w1.weight"
+    layer = fp8.patcher.model.get_submodule(key.removesuffix(".weight"))
+    weight = layer.convert_weight(layer.weight.float(), inplace=True, a_later_keyword=1)
+    torch.testing.assert_close(weight, layer.weight.float() * layer.weight_scale)
+    target = fp8.reference[key].double() + 0.01
+    codes = layer.set_weight(target.float(), inplace_update=False, seed=3, return_weight=True, a_later_keyword=1)
+    assert_fp8_merged(fp8, key, codes, {key: target})
+    assert torch.equal(layer.weight, fp8.codes[key]), "return_weight=True must not set the weight"
+    assert layer.set_weight(target.float(), seed=3, a_later_keyword=1) is None
+    assert torch.equal(layer.weight, codes), "the same seed must give the same codes"
+
+
+def test_fp8_patched_weight_read_through_the_patcher_leaves_the_model_alone(comfy, loras, caplog):
+    """ComfyUI 0.14 reads a patched weight without setting it: patch_weight_to_device(return_weight=True) (what
+    its model saving casts weights through). The LoRA'd codes come back; the model and its backups stay as
+    they are. ComfyUI 0.8's patcher has no such call, so there is nothing to check there."""
+    from comfy.model_patcher import ModelPatcher
+
+    if "return_weight" not in inspect.signature(ModelPatcher.patch_weight_to_device).parameters:
+        pytest.skip("this ComfyUI (before 0.14) never asks a weight hook for the weight back")
+    fp8 = fp8_model(comfy)
+    lora = loras["comfyui"]
+    patched = load_ours(comfy, fp8.patcher, lora.name, 1.0, caplog)
+    expected = expected_state(fp8.reference, lora.entries, 1.0)
+    for key in fp8_targets(fp8, lora.entries):
+        codes = patched.patch_weight_to_device(key, device_to=patched.load_device, return_weight=True)
+        assert_fp8_merged(fp8, key, codes.cpu(), expected)
+    assert patched.backup == {}
+    for key, value in patched.model.state_dict().items():
+        assert torch.equal(value, fp8.codes[key]), f"{key} changed by a read"
