@@ -8,9 +8,36 @@ import comfy.model_management as mm
 import latent_preview
 
 from ..zimage import PRESETS, flow_sigmas, make_noise, sample
-from .comfy_model import OMNI_KEY, caption_features, engine_of
+from .checks import require_finite
+from .comfy_model import (OMNI_KEY, caption_features, engine_of, refuse_unhonoured, unhonoured_in_forward,
+                          wrapper_name)
 
 PRESET_CHOICES = ["turbo", "base", "custom"]
+
+
+# what sampler-level nodes put into a MODEL's options for ComfyUI's own samplers (CFG functions from guidance
+# nodes, model wrappers, inpainting mask functions): ZImageSampler runs the engine's loop, which applies none of them
+SAMPLER_OPTIONS = ("sampler_cfg_function", "sampler_pre_cfg_function", "sampler_post_cfg_function",
+                   "sampler_calc_cond_batch_function", "model_function_wrapper", "denoise_mask_function")
+
+
+def unhonoured_by_engine_loop(model, shift: float) -> list[str]:
+    """What a MODEL asks of a sampler that ZImageSampler does not do; empty when it carries nothing of the kind.
+    LoRA weight patches are honoured (ComfyUI merges them when it loads the model); so is a ModelSamplingAuraFlow
+    whose shift is the sampler's own."""
+    options = model.model_options
+    found = unhonoured_in_forward(options.get("transformer_options") or {})
+    found += [f"model option {key!r}" for key in SAMPLER_OPTIONS if options.get(key)]
+    found += [wrapper_name(kind, key) for kind, by_key in model.wrappers.items()
+              for key, functions in by_key.items() if functions]
+    for name, patch in model.object_patches.items():
+        patched_shift = getattr(patch, "shift", None) if name == "model_sampling" else None
+        if patched_shift is None:
+            found.append(f"a replaced {name!r}")
+        elif abs(patched_shift - shift) > 1e-6:
+            found.append(f"a model sampling shift of {patched_shift:g} (ModelSamplingAuraFlow) where this sampler "
+                         f"uses shift {shift:g}; set the same shift in both")
+    return found
 
 
 def omni_inputs(conditioning, batch: int):
@@ -93,10 +120,14 @@ class ZImageSampler:
     def sample(self, model, positive, latent, seed, preset, steps, cfg, shift, denoise, cfg_normalization,
                cfg_truncation, negative=None):
         transformer = engine_of(model)
+        require_finite("ZImageSampler", cfg=cfg, shift=shift, denoise=denoise, cfg_normalization=cfg_normalization,
+                       cfg_truncation=cfg_truncation)
         if preset != "custom":
             p = PRESETS[preset]
             steps, cfg, shift = p.steps, p.guidance, p.shift
             cfg_normalization, cfg_truncation = p.cfg_normalization, p.cfg_truncation
+        refuse_unhonoured(unhonoured_by_engine_loop(model, shift), "ZImageSampler",
+                          "sample with KSampler, which applies sampler options and wrappers (not block patches)")
         samples = latent["samples"]
         if samples.ndim != 4 or samples.shape[1] != transformer.cfg.in_channels:
             raise ValueError(f"ZImageSampler: the latent is {list(samples.shape)}; Z-Image needs 16-channel latents "
