@@ -45,11 +45,42 @@ class ZImageModel(comfy.model_base.Lumina2):
         return super().memory_required(input_shape, cond_shapes) + 2 * sum(p.nbytes for p in block.parameters())
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        refuse_unhonoured(unhonoured_in_forward(transformer_options, control), "KSampler")
         # t is sigma here; the engine takes sigma itself, whatever timestep scaling a sampling patch sets
         sigma = t
         captions = caption_features(c_crossattn, kwargs.get("attention_mask"))
         v = self.diffusion_model(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions)
         return self.model_sampling.calculate_denoised(sigma, v.float(), x)
+
+
+def unhonoured_in_forward(transformer_options: dict, control=None) -> list[str]:
+    """What a sampler hands the diffusion model that the engine does not apply: block patches and replacements
+    (what ComfyUI's ControlNet model-patch nodes, ZImageFunControlnet and QwenImageDiffsynthControlnet, register),
+    wrappers around the diffusion model itself, and a classic ControlNet's residuals. Empty when there is none."""
+    found = []
+    for kind in ("patches", "patches_replace"):
+        for name, entries in (transformer_options.get(kind) or {}).items():
+            if entries:
+                found.append(f"{kind}[{name!r}]")
+    wrappers = (transformer_options.get("wrappers") or {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL) or {}
+    found += [wrapper_name(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key)
+              for key, functions in wrappers.items() if functions]
+    if control is not None:
+        found.append("ControlNet residuals (a ControlNet applied to the conditioning)")
+    return found
+
+
+def wrapper_name(kind: str, key: str) -> str:
+    return f"a {kind.replace('_', '-')} wrapper {key!r}"
+
+
+def refuse_unhonoured(found: list[str], sampler: str, alternative: str = "load the model with ComfyUI's own "
+                      "UNETLoader to use them") -> None:
+    if found:
+        raise ValueError(f"{sampler}: this Z-Image model carries {'; '.join(found)}, which {sampler} on the "
+                         f"comfyui-zimage engine does not apply: the result would silently ignore them. They come from "
+                         f"nodes between the loader and the sampler (ControlNet or model-patch nodes such as "
+                         f"ZImageFunControlnet, guidance, attention or caching nodes): remove them, or {alternative}.")
 
 
 def caption_features(context: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
