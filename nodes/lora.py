@@ -3,13 +3,17 @@
 ComfyUI's own key map for Z-Image covers its native names and diffusers/PEFT names (to_q, to_k, to_v land
 on slices of the fused qkv). Kohya-style names (Musubi Tuner: lora_unet_layers_0_attention_to_q) are added
 here from the same diffusers table. Patches go through ComfyUI's ModelPatcher, which merges them into the
-weights once when the model is loaded, not at every step.
+weights once when the model is loaded, not at every step. ComfyUI skips a key that matches no weight, or a
+patch it cannot compute, with a log line; here either is an error naming it (_MissedKeys, _misfits).
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
 
 import comfy.lora
 import comfy.lora_convert
@@ -53,30 +57,116 @@ class _MissedKeys(logging.Handler):
             self.keys.append(message.split(":", 1)[-1].strip())
 
 
+# the calls that read a tensor's values, which a tensor on the meta device does not have
+VALUE_READS = frozenset({torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__,
+                         torch.Tensor.__int__, torch.Tensor.__index__})
+
+
+class _PatchProbe(TorchFunctionMode):
+    """Watches ComfyUI compute one patch onto a weight of `shape`, noting each change it hands over (to the
+    patch's function before adding it, or copied in by a "set" patch), the shape of every product that it
+    reshapes into the weight's shape, and whether its math read a tensor's values."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.shape = shape
+        self.changes = []
+        self.read_values = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.read_values |= func in VALUE_READS
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.Tensor.reshape, torch.reshape) and out.shape == self.shape:
+            # ComfyUI fits a product (LoRA up @ down, LoHa, LoKr, GLoRA) to the weight with
+            # reshape(weight.shape), meant to unflatten a conv kernel's trailing dimensions. A product with the
+            # weight's element count but other rows (a LoRA for the transposed matrix, for w2 instead of w1)
+            # would be scrambled into it without an error: its rows must be the weight's.
+            if args[0].shape[:1] != out.shape[:1]:
+                self.changes.append(args[0].shape)
+        elif func is torch.Tensor.copy_ and args[0].shape == self.shape:
+            self.changes.append(args[1].shape)
+        return out
+
+    def function(self, change: torch.Tensor) -> torch.Tensor:
+        self.changes.append(change.shape)
+        return change
+
+
+class _Silenced(logging.Filter):
+    """Keeps the warnings and errors this thread logs while it is installed (ComfyUI logs a patch that fails to
+    compute, and goes on), instead of printing them: the node's own error reports the patch."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def filter(self, record):
+        if record.levelno < logging.WARNING or record.thread != threading.get_ident():
+            return True
+        self.records.append(record)
+        return False
+
+
+def _computes(patch, key: str, shape: torch.Size, offset, target: torch.Size,
+              device: str) -> tuple[bool, list[torch.Size], bool]:
+    """Has ComfyUI compute `patch` at strength 1 onto a weight of `shape` on `device` (onto its `target` part
+    where `offset` names one): (whether it went through without an exception or a logged failure, the
+    changes it handed over, whether it read tensor values)."""
+    probe = _PatchProbe(target)
+    silenced = _Silenced()
+    root = logging.getLogger()
+    root.addFilter(silenced)
+    try:
+        with probe:
+            weight = torch.zeros(shape, device=device)
+            comfy.lora.calculate_weight([(1.0, patch, 1.0, offset, probe.function)], weight, key)
+        ok = True
+    except Exception:  # ComfyUI lets some adapters' errors through (LoHa's and LoKr's products, GLoRA's rank)
+        ok = False
+    finally:
+        root.removeFilter(silenced)
+    return ok and not silenced.records, probe.changes, probe.read_values
+
+
+def _describe(patch) -> str:
+    """The patch's kind and its tensors' shapes, e.g. "lora [96, 4] [5, 64]", for the error message."""
+    if isinstance(patch, comfy.weight_adapter.WeightAdapterBase):
+        kind, values = patch.name, patch.weights
+    elif len(patch) == 2 and isinstance(patch[0], str):
+        kind, values = patch
+    else:
+        kind, values = "diff", patch
+    shapes = [list(v.shape) for v in values if isinstance(v, torch.Tensor)]
+    return " ".join([kind, *map(str, shapes)])
+
+
 def _misfits(model_patcher, patches: dict) -> list[str]:
-    """Patches whose matrices do not fit their weight (a LoRA of another model that reuses these module names,
-    such as Lumina 2's): ComfyUI would skip each at load time with only an error line in the log."""
+    """Patches that would not change their weight as written, each with what is wrong: their tensors do not
+    make a change of the weight's shape (another model's LoRA reusing these module names, such as Lumina 2's;
+    a file whose down and up ranks differ) or the math fails. ComfyUI would go on with the weight unchanged
+    and at most an error line in the log.
+
+    Each patch is computed by ComfyUI's own code, for every adapter type it has, on a weight on the meta
+    device: shapes without values, so nothing of the model's size is allocated or multiplied. Math that
+    branches on a value (OFT's and BOFT's constraint) cannot run there; such a patch is computed again on a
+    zero weight in memory."""
     state = model_patcher.model.state_dict()
     misfits = []
     for target, patch in patches.items():
-        key, offset = (target, None) if isinstance(target, str) else target
+        key, offset = (target, None) if isinstance(target, str) else target[:2]
         if key not in state:
             continue  # reported by apply_lora as found no weight
-        shape = list(state[key].shape)
-        if offset is not None:
-            shape[offset[0]] = offset[2]
-        if isinstance(patch, comfy.weight_adapter.LoRAAdapter):
-            up, down, _alpha, mid, _dora_scale, reshape = patch.weights
-            if mid is not None or reshape is not None:
-                continue
-            have, want = [up.shape[0], down[0].numel()], [shape[0], math.prod(shape[1:])]
-        elif isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff" and len(patch[1]) == 1:
-            have, want = list(patch[1][0].shape), shape
-        else:
-            continue  # other adapter types are left to ComfyUI
-        if have != want:
-            misfits.append(f"{key}{'' if offset is None else f' rows {offset[1]}:{offset[1] + offset[2]}'}: "
-                           f"LoRA {have} vs model {want}")
+        shape = state[key].shape
+        want = shape if offset is None else shape[:offset[0]] + (offset[2],) + shape[offset[0] + 1:]
+        ok, changes, read_values = _computes(patch, key, shape, offset, want, "meta")
+        if not ok and read_values:
+            ok, changes, _ = _computes(patch, key, shape, offset, want, "cpu")
+        wrong = [c for c in changes if c != want]
+        if ok and changes and not wrong:
+            continue
+        problem = f"makes a {list(wrong[0])} change" if ok and wrong else "cannot make a change"
+        rows = "" if offset is None else f" rows {offset[1]}:{offset[1] + offset[2]}"
+        misfits.append(f"{key}{rows}: {_describe(patch)} {problem} for the model's {list(want)} weight")
     return misfits
 
 
@@ -98,7 +188,8 @@ def apply_lora(model_patcher, lora_sd: dict, strength: float):
     misfits = _misfits(model_patcher, patches)
     if misfits:
         raise ValueError(f"{len(misfits)} LoRA weights do not fit this Z-Image model's shapes (e.g. "
-                         f"{'; '.join(misfits[:3])}). Is it a LoRA for another model or model size?")
+                         f"{'; '.join(misfits[:3])}). Is it a LoRA for another model or model size? If it is "
+                         f"for this one, the file is damaged: re-download it.")
     patched = model_patcher.clone()
     applied = set(patched.add_patches(patches, strength))
     unapplied = [k if isinstance(k, str) else k[0] for k in patches if k not in applied]
@@ -108,8 +199,9 @@ def apply_lora(model_patcher, lora_sd: dict, strength: float):
 
 
 class ZImageLoraLoader:
-    DESCRIPTION = ("Applies a Z-Image LoRA (ai-toolkit / diffusers PEFT, kohya / Musubi Tuner, or ComfyUI naming). "
-                   "Every key must land on a weight; weights are merged once at load, so sampling speed is unchanged.")
+    DESCRIPTION = ("Applies a Z-Image LoRA (ai-toolkit / diffusers PEFT, kohya / Musubi Tuner, or ComfyUI naming; "
+                   "LyCORIS LoHa and LoKr too). Every key must land on a weight; weights are merged once at load, so "
+                   "sampling speed is unchanged.")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the LoRA applied.",)

@@ -125,6 +125,20 @@ class Entry:
     down: torch.Tensor
     scale: float  # alpha / rank, or 1 without alpha
 
+    def delta(self) -> torch.Tensor:
+        """The change to the target at strength 1, in float64."""
+        return self.scale * (self.up.double() @ self.down.double())
+
+
+@dataclass
+class LycorisEntry:
+    module: str
+    target: Target
+    change: torch.Tensor  # the change to the target at strength 1, float64, computed here from the file's tensors
+
+    def delta(self) -> torch.Tensor:
+        return self.change
+
 
 @dataclass
 class LoraFile:
@@ -159,6 +173,72 @@ def make_lora(naming: str, seed: int) -> tuple[dict[str, torch.Tensor], list[Ent
             scale = alpha / RANK
         entries.append(Entry(module, target, up.float(), down.float(), scale))
     assert len({e.module for e in entries}) == len(entries)
+    return sd, entries
+
+
+# LyCORIS modules for a few targets (a row slice of qkv among them), in kohya naming as LyCORIS saves them
+LYCORIS_TARGETS = [t for t in all_targets(CFG, fused=False) if t.comfy in (
+    "layers.0.attention.qkv", "layers.1.feed_forward.w1", "layers.1.attention.out", "context_refiner.0.feed_forward.w2")]
+BROKEN = Target("layers.0.feed_forward.w1", None, "layers.0.feed_forward.w1")  # [ffn_hidden, dim]: not square
+
+
+def target_shape(target: Target) -> tuple[int, int]:
+    out_features, in_features = linear_shapes(CFG)[target.comfy]
+    return (target.rows[1] if target.rows else out_features), in_features
+
+
+def lycoris_module(kind: str, out_features: int, in_features: int, g, broken: bool = False):
+    """One module's tensors by suffix and, computed here in float64, the change it makes at strength 1 by its
+    format's definition. broken=True spoils one dimension the way a file for another shape would."""
+    def rand(*shape, std=1.0):
+        return (std * torch.randn(*shape, generator=g)).to(torch.bfloat16)
+
+    extra = int(broken)
+    alpha = 2.0
+    if kind == "loha":
+        # Hadamard product of two low-rank matrices: (alpha / rank) (w1_a w1_b) * (w2_a w2_b), elementwise
+        t = {"hada_w1_a": rand(out_features, RANK, std=0.3), "hada_w1_b": rand(RANK, in_features + extra, std=0.3),
+             "hada_w2_a": rand(out_features, RANK, std=0.3), "hada_w2_b": rand(RANK, in_features + extra, std=0.3)}
+        d = t["hada_w1_a"].double() @ t["hada_w1_b"].double() * (t["hada_w2_a"].double() @ t["hada_w2_b"].double())
+    elif kind == "lokr":
+        # Kronecker product of a full 2x2 factor and a low-rank one: (alpha / rank) w1 (x) (w2_a w2_b)
+        t = {"lokr_w1": rand(2, 2), "lokr_w2_a": rand(out_features // 2, RANK, std=0.1),
+             "lokr_w2_b": rand(RANK, in_features // 2 + extra, std=0.1)}
+        d = torch.kron(t["lokr_w1"].double(), t["lokr_w2_a"].double() @ t["lokr_w2_b"].double())
+    elif kind == "lora-ranks":  # down's rank is not up's
+        t = {"lora_up.weight": rand(out_features, RANK), "lora_down.weight": rand(RANK + extra, in_features)}
+        d = None
+    elif kind == "lora-transposed":  # for the transposed weight: same element count, rows and columns swapped
+        if broken:
+            out_features, in_features = in_features, out_features
+        t = {"lora_up.weight": rand(out_features, RANK), "lora_down.weight": rand(RANK, in_features)}
+        d = None
+    elif kind == "dora":  # a LoRA with a magnitude per output row (DoRA): one too many when broken
+        t = {"lora_up.weight": rand(out_features, RANK), "lora_down.weight": rand(RANK, in_features),
+             "dora_scale": rand(out_features + extra, 1)}
+        d = None
+    elif kind == "diff":
+        t = {"diff": rand(out_features, in_features + extra)}
+        d = None
+    elif kind == "oft":  # a rotation of each block of rows; blocks that do not tile the rows when broken
+        size = 16 if out_features % 16 == 0 else 17
+        t = {"oft_blocks": rand(out_features // size + extra, size, size, std=0.05)}
+        d = None
+    else:
+        raise AssertionError(kind)
+    t["alpha"] = torch.tensor(alpha)
+    return t, None if d is None else alpha / RANK * d
+
+
+def make_lycoris(kind: str, seed: int, broken: Target | None = None):
+    """A file of `kind` modules on LYCORIS_TARGETS (+ `broken`, spoilt), and its entries for expected_state."""
+    g = torch.Generator().manual_seed(seed)
+    sd, entries = {}, []
+    for target in LYCORIS_TARGETS + ([broken] if broken else []):
+        module = NAMINGS["kohya-musubi"].module(target)
+        tensors, change = lycoris_module(kind, *target_shape(target), g, broken=target is broken)
+        sd.update({f"{module}.{suffix}": v for suffix, v in tensors.items()})
+        entries.append(LycorisEntry(module, target, change))
     return sd, entries
 
 
@@ -247,7 +327,7 @@ def expected_state(original: dict, entries: list[Entry], strength: float) -> dic
     for e in entries:
         w = out[f"diffusion_model.{e.target.comfy}.weight"]
         rows = slice(None) if e.target.rows is None else slice(e.target.rows[0], sum(e.target.rows))
-        w[rows] += strength * e.scale * (e.up.double() @ e.down.double())
+        w[rows] += strength * e.delta()
     return out
 
 
@@ -396,6 +476,80 @@ def test_lora_of_another_size_is_refused(comfy, loras, base, caplog):
         assert not_loaded(caplog) == [] and len(native.patches) == 2
         assert_merged(native, original, [], 1.0)
     assert any(r.levelno >= logging.ERROR and "layers.0.attention.qkv" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("strength", [1.0, -0.5])
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_lycoris_files_apply_every_key(comfy, base, kind, strength, caplog):
+    """LoHa and LoKr (LyCORIS) files land as their formats define them, on whole weights and on qkv's rows."""
+    model, original = base
+    sd, entries = make_lycoris(kind, 300)
+    name = write_lora(comfy, sd, f"zimage-test-{kind}.safetensors")
+    patched = load_ours(comfy, model, name, strength, caplog)
+    assert sum(len(p) for p in patched.patches.values()) == len(entries)
+    assert_merged(patched, original, entries, strength)
+
+
+def test_oft_with_a_norm_constraint_loads_and_rotates_each_block(comfy, base, caplog):
+    """OFT's math branches on a value (its norm constraint, alpha), which the shape check cannot compute on the
+    meta device: computed again in memory, a correct file loads. Each block of rows is rotated: the change
+    keeps the norm of every column of every block."""
+    model, original = base
+    sd, entries = make_lycoris("oft", 302)
+    name = write_lora(comfy, sd, "zimage-test-oft.safetensors")
+    patched = load_ours(comfy, model, name, 1.0, caplog)
+    assert sum(len(p) for p in patched.patches.values()) == len(entries)
+    patched.patch_model()
+    try:
+        state = patched.model.state_dict()
+        for e in entries:
+            key = f"diffusion_model.{e.target.comfy}.weight"
+            rows = slice(None) if e.target.rows is None else slice(e.target.rows[0], sum(e.target.rows))
+            before, after = original[key][rows].double(), state[key][rows].double()
+            size = sd[f"{e.module}.oft_blocks"].shape[1]
+            norms = [w.unflatten(0, (-1, size)).norm(dim=1) for w in (before, after)]
+            torch.testing.assert_close(norms[1], norms[0], rtol=1e-5, atol=0, msg=key)
+            assert rel_err(after, before) > 1e-3, f"{key} not rotated"
+    finally:
+        patched.unpatch_model()
+
+
+@pytest.mark.parametrize("kind", ["lora-ranks", "lora-transposed", "dora", "loha", "lokr", "oft", "diff"])
+def test_a_module_that_does_not_fit_its_weight_is_refused_by_name(comfy, base, kind, caplog):
+    """For every adapter type, one module whose tensors cannot make a change of its weight's shape (down and
+    up ranks that differ, a LoRA for the transposed matrix, DoRA magnitudes, LyCORIS factors or OFT blocks for
+    another size, a diff of another shape) is refused by name among good modules, which are not named. ComfyUI would merge
+    the file without it, or scramble it in, with at most an error line in the log."""
+    model, _ = base
+    sd, _ = make_lycoris(kind, 301, broken=BROKEN)
+    name = write_lora(comfy, sd, f"zimage-test-broken-{kind}.safetensors")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as err:
+        comfy["pack_lora"].ZImageLoraLoader().load(model, name, 1.0)
+    message = str(err.value)
+    assert message.startswith(f"ZImageLoraLoader ({name}): 1 LoRA weights do not fit"), message
+    assert f"diffusion_model.{BROKEN.comfy}.weight: " in message, message
+    assert caplog.records == [], "the check's own trial computations must not log ComfyUI's errors"
+
+
+def test_native_loading_takes_mismatched_ranks_and_merges_nothing(comfy, base, caplog):
+    """Why a rank mismatch must be refused: ComfyUI's LoraLoaderModelOnly takes the module's keys, and the
+    merge leaves the weight unchanged with only an error line in the log."""
+    model, original = base
+    sd, _ = make_lycoris("lora-ranks", 301, broken=BROKEN)
+    name = write_lora(comfy, sd, "zimage-test-broken-ranks-native.safetensors")
+    native, missed = load_native(comfy, model, name, 1.0, caplog)
+    assert NAMINGS["kohya-musubi"].module(BROKEN) not in missed
+    assert f"diffusion_model.{BROKEN.comfy}.weight" in native.patches
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        native.patch_model()
+    try:
+        key = f"diffusion_model.{BROKEN.comfy}.weight"
+        assert torch.equal(native.model.state_dict()[key], original[key])
+    finally:
+        native.unpatch_model()
+    assert any(r.levelno >= logging.ERROR and BROKEN.comfy in r.getMessage() for r in caplog.records)
 
 
 def test_weights_are_patched_once_not_per_step(comfy, loras, base, caplog, monkeypatch):
