@@ -220,9 +220,14 @@ def lycoris_module(kind: str, out_features: int, in_features: int, g, broken: bo
     elif kind == "diff":
         t = {"diff": rand(out_features, in_features + extra)}
         d = None
-    elif kind == "oft":  # a rotation of each block of rows; blocks that do not tile the rows when broken
-        size = 16 if out_features % 16 == 0 else 17
-        t = {"oft_blocks": rand(out_features // size + extra, size, size, std=0.05)}
+    elif kind in ("oft", "boft"):  # a rotation of each block of rows; blocks that do not tile the rows when broken
+        size = 16 if out_features % 16 == 0 else 10
+        blocks = (out_features // size + extra, size, size)
+        t = {"oft_blocks": rand(*blocks, std=0.05) if kind == "oft" else rand(1, *blocks, std=0.05)}
+        d = None
+    elif kind == "glora":  # W (a1 a2) + b1 b2, with b1's rows the weight's
+        t = {"a1.weight": rand(in_features, RANK), "a2.weight": rand(RANK, in_features),
+             "b1.weight": rand(out_features + extra, RANK), "b2.weight": rand(RANK, in_features)}
         d = None
     else:
         raise AssertionError(kind)
@@ -514,11 +519,12 @@ def test_oft_with_a_norm_constraint_loads_and_rotates_each_block(comfy, base, ca
         patched.unpatch_model()
 
 
-@pytest.mark.parametrize("kind", ["lora-ranks", "lora-transposed", "dora", "loha", "lokr", "oft", "diff"])
+@pytest.mark.parametrize("kind", ["lora-ranks", "lora-transposed", "dora", "loha", "lokr", "glora", "oft", "boft",
+                                  "diff"])
 def test_a_module_that_does_not_fit_its_weight_is_refused_by_name(comfy, base, kind, caplog):
     """For every adapter type, one module whose tensors cannot make a change of its weight's shape (down and
-    up ranks that differ, a LoRA for the transposed matrix, DoRA magnitudes, LyCORIS factors or OFT blocks for
-    another size, a diff of another shape) is refused by name among good modules, which are not named. ComfyUI would merge
+    up ranks that differ, a LoRA for the transposed matrix, DoRA magnitudes, LyCORIS factors or (B)OFT blocks
+    for another size, a diff of another shape) is refused by name among good modules of its type, which pass. ComfyUI would merge
     the file without it, or scramble it in, with at most an error line in the log."""
     model, _ = base
     sd, _ = make_lycoris(kind, 301, broken=BROKEN)
