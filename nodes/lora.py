@@ -21,6 +21,7 @@ import comfy.utils
 import comfy.weight_adapter
 import folder_paths
 
+from .checks import require_finite
 from .comfy_model import engine_of
 
 PEFT_PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.")
@@ -172,6 +173,13 @@ def _misfits(model_patcher, patches: dict) -> list[str]:
 
 def apply_lora(model_patcher, lora_sd: dict, strength: float):
     """A clone of model_patcher with the LoRA's patches added; raises if any LoRA key would be ignored."""
+    # one NaN or infinity in a patch spreads through the merged weight to every pixel: a black image, and no error
+    non_finite = [k for k, v in lora_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise ValueError(f"{len(non_finite)} tensors of this LoRA hold NaN or infinite values (e.g. "
+                         f"{', '.join(non_finite[:3])}); merged, they would make every image black. The file is "
+                         f"damaged, or was saved from a training run that diverged: re-download it, or use an "
+                         f"earlier checkpoint of the training.")
     lora_sd = comfy.lora_convert.convert_lora(lora_sd)
     missed = _MissedKeys()
     root = logging.getLogger()
@@ -218,6 +226,7 @@ class ZImageLoraLoader:
 
     def load(self, model, lora_name, strength):
         engine_of(model)
+        require_finite("ZImageLoraLoader", strength=strength)
         if strength == 0:
             return (model,)
         path = folder_paths.get_full_path_or_raise("loras", lora_name)

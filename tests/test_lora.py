@@ -558,6 +558,30 @@ def test_native_loading_takes_mismatched_ranks_and_merges_nothing(comfy, base, c
     assert any(r.levelno >= logging.ERROR and BROKEN.comfy in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_strength_is_refused(comfy, loras, base, strength):
+    """An API prompt can carry NaN (ComfyUI's JSON reader takes it and its range check lets it through): it
+    would merge NaN into every weight the LoRA touches and sample an all-NaN latent."""
+    model, _ = base
+    with pytest.raises(ValueError, match="ZImageLoraLoader: strength = .* is not a finite number"):
+        comfy["pack_lora"].ZImageLoraLoader().load(model, loras["ai-toolkit"].name, strength)
+
+
+def test_lora_holding_nan_or_inf_is_refused_by_name(comfy, base):
+    model, _ = base
+    sd, entries = make_lora("ai-toolkit", 100)
+    nan_key = f"{entries[0].module}.lora_B.weight"
+    inf_key = f"{entries[5].module}.lora_A.weight"
+    sd[nan_key] = sd[nan_key].clone()
+    sd[nan_key][1, 2] = float("nan")
+    sd[inf_key] = sd[inf_key].clone()
+    sd[inf_key][0, 0] = -float("inf")
+    name = write_lora(comfy, sd, "zimage-test-nan.safetensors")
+    with pytest.raises(ValueError, match="2 tensors of this LoRA hold NaN or infinite values") as err:
+        comfy["pack_lora"].ZImageLoraLoader().load(model, name, 1.0)
+    assert nan_key in str(err.value) and inf_key in str(err.value) and name in str(err.value)
+
+
 def test_weights_are_patched_once_not_per_step(comfy, loras, base, caplog, monkeypatch):
     """After ComfyUI loads the MODEL (as ZImageSampler does), the LoRA lives in the weights themselves: no
     per-step weight functions on the ops modules, and forward passes never compute a LoRA weight."""
