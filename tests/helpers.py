@@ -6,6 +6,7 @@ engine's own mapping to write its inputs could not catch a mistake in that mappi
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -152,12 +153,13 @@ SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16
 SAFETENSORS_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
 
 
-def write_safetensors_by_hand(path, tensors: dict, header_len: int | None = None) -> int:
+def write_safetensors_by_hand(path, tensors: dict, header_len: int | None = None, edit=None) -> int:
     """A safetensors file per its spec: 8-byte little-endian header length, the JSON header
     {name: {dtype, shape, data_offsets}} padded with spaces, then the data. A value is a tensor (its bytes
     are written) or a (dtype name, shape) pair, whose bytes are left a hole: the file is extended with
     truncate(), so a header-only file of any size costs no disk. header_len pads the header to exactly
-    that many bytes. Returns the header length."""
+    that many bytes. edit(header) -> the header to write instead (any JSON value), to break a file on
+    purpose; the data stays where the unedited header put it. Returns the header length."""
     header, offset = {}, 0
     for name, value in tensors.items():
         if isinstance(value, torch.Tensor):
@@ -169,7 +171,7 @@ def write_safetensors_by_hand(path, tensors: dict, header_len: int | None = None
             size *= n
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(edit(copy.deepcopy(header)) if edit else header, separators=(",", ":")).encode()
     if header_len is None:
         header_len = -(-len(text) // 8) * 8
     assert header_len >= len(text), (header_len, len(text))

@@ -7,8 +7,11 @@ same engine parameters (up to the precision it stores) and give the reference's 
 
 from __future__ import annotations
 
+import builtins
+import json
 import os
 import pickle
+import shutil
 from collections import Counter
 
 import pytest
@@ -20,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from helpers import (comfy_header_spec, diffusers_omni_velocity, diffusers_reference, diffusers_to_comfy,
                      diffusers_velocity, rel_err, save_comfy_file, save_diffusers_folder, save_fp8_file,
                      write_safetensors_by_hand)
+import zimage.checkpoint
 from zimage import (CheckpointError, Reference, S3DiT, ZImageConfig, convert_state_dict, inspect_checkpoint,
-                    load_transformer)
+                    load_transformer, read_safetensors_header)
 
 TINY = ZImageConfig.tiny()
 # test_model_parity.py's MID: the released head (128) and RoPE split (32, 48, 48); fewer, narrower layers
@@ -503,6 +507,7 @@ REFUSALS = {
 UNNAMED = {"folder_missing_to_k"}
 
 
+
 @pytest.fixture
 def nothing_unpickled(monkeypatch):
     def refuse(*args, **kwargs):
@@ -599,3 +604,169 @@ def test_convert_state_dict_dequantizes_scaled_fp8(tiny):
     assert set(converted) == set(params(model))
     for name, p in model.named_parameters():
         assert torch.equal(converted[name].float(), p), name
+
+
+# --- 7. malformed files: each refused with a CheckpointError naming the file --------------------------------
+
+X_EMBEDDER, Q_NORM, K_NORM = "x_embedder.weight", "layers.0.attention.q_norm.weight", "layers.0.attention.k_norm.weight"
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _header_edit(edit):
+    """A tiny model's ComfyUI file, header only (its data a hole), with `edit` applied to its header: the
+    safetensors format itself is broken, so read_safetensors_header refuses it before anything else."""
+    def build(tmp_path, tiny):
+        path = str(tmp_path / "z_image_turbo_bf16.safetensors")
+        write_safetensors_by_hand(path, comfy_header_spec(TINY), edit=edit)
+        return path, os.path.basename(path)
+    return build
+
+
+def _set(key, field, value):
+    def edit(header):
+        header[key][field] = value
+        return header
+    return _header_edit(edit)
+
+
+def _drop(key, field):
+    def edit(header):
+        del header[key][field]
+        return header
+    return _header_edit(edit)
+
+
+def _overlapping(header):
+    assert header[Q_NORM]["shape"] == header[K_NORM]["shape"]
+    header[K_NORM]["data_offsets"] = header[Q_NORM]["data_offsets"]
+    return header
+
+
+def _bytes_after_last_tensor(tmp_path, tiny):
+    path, name = _header_edit(lambda header: header)(tmp_path, tiny)
+    with open(path, "ab") as f:
+        f.write(bytes(16))
+    return path, name
+
+
+def _index(content):
+    """A diffusers folder of the tiny model whose index json is replaced by `content` (text, or a function of
+    the parsed index returning the JSON value to write)."""
+    def build(tmp_path, tiny):
+        folder = save_diffusers_folder(tiny.sd, str(tmp_path / "Z-Image-Turbo"))
+        path = os.path.join(folder, "transformer", INDEX)
+        text = content if isinstance(content, str) else json.dumps(content(json.load(open(path))))
+        with open(path, "w") as f:
+            f.write(text)
+        return folder, INDEX
+    return build
+
+
+# case -> (build(tmp_path, tiny) -> (path to load, file name the message must hold), words the message must hold)
+MALFORMED = {
+    # the safetensors header itself
+    "header_is_a_list": (_header_edit(lambda header: list(header.values())), ["JSON list"]),
+    "metadata_not_strings": (_header_edit(lambda header: header | {"__metadata__": {"format": 1}}), ["__metadata__"]),
+    "entry_not_an_object": (_header_edit(lambda header: header | {X_EMBEDDER: [1, 2]}), [X_EMBEDDER]),
+    "no_data_offsets": (_drop(X_EMBEDDER, "data_offsets"), [X_EMBEDDER, "no data_offsets"]),
+    "no_dtype": (_drop(X_EMBEDDER, "dtype"), [X_EMBEDDER, "no dtype"]),
+    "no_shape": (_drop(X_EMBEDDER, "shape"), [X_EMBEDDER, "no shape"]),
+    "unknown_dtype": (_set(X_EMBEDDER, "dtype", "F42"), [X_EMBEDDER, "'F42'"]),
+    "dtype_not_a_string": (_set(X_EMBEDDER, "dtype", 16), [X_EMBEDDER, "dtype 16"]),
+    "shape_not_a_list": (_set(X_EMBEDDER, "shape", "64x64"), [X_EMBEDDER, "'64x64'"]),
+    "negative_size": (_set(X_EMBEDDER, "shape", [-64, 64]), [X_EMBEDDER, "[-64, 64]"]),
+    "fractional_size": (_set(X_EMBEDDER, "shape", [64.0, 64]), [X_EMBEDDER, "[64.0, 64]"]),
+    "boolean_size": (_set(X_EMBEDDER, "shape", [True, 64]), [X_EMBEDDER, "[True, 64]"]),
+    "offsets_disagree_with_shape": (_set(X_EMBEDDER, "shape", [64, 63]), [X_EMBEDDER, "need 8064"]),
+    "offsets_reversed": (_header_edit(lambda header: header | {X_EMBEDDER: header[X_EMBEDDER] | {
+        "data_offsets": header[X_EMBEDDER]["data_offsets"][::-1]}}), [X_EMBEDDER, "data_offsets"]),
+    "offsets_overlap": (_header_edit(_overlapping), ["starts at byte"]),
+    "bytes_after_last_tensor": (_bytes_after_last_tensor, ["16 bytes follow"]),
+    # a diffusers folder's index
+    "index_not_json": (_index("{\"weight_map\": {"), ["not valid JSON"]),
+    "index_is_a_list": (_index(lambda index: [index]), ["weight_map"]),
+    "index_without_weight_map": (_index(lambda index: {"metadata": {}}), ["weight_map"]),
+    "weight_map_is_a_list": (_index(lambda index: {"weight_map": sorted(index["weight_map"].values())}),
+                             ["weight_map"]),
+    "weight_map_not_strings": (_index(lambda index: {"weight_map": {k: 3 for k in index["weight_map"]}}),
+                               ["weight_map"]),
+}
+HEADER_CASES = list(MALFORMED)[:list(MALFORMED).index("bytes_after_last_tensor") + 1]
+
+
+def test_unbroken_hand_written_header_is_accepted(tmp_path):
+    """The builder above breaks one thing at a time: unedited, the same header-only file is a valid tiny model."""
+    path, _ = _header_edit(lambda header: header)(tmp_path, None)
+    assert inspect_checkpoint(path).config == TINY
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_file_is_refused(tiny, tmp_path, case, nothing_unpickled):
+    build, words = MALFORMED[case]
+    path, file_name = build(tmp_path, tiny)
+    with pytest.raises(CheckpointError) as refused:
+        load_transformer(path, dtype=torch.float32)
+    message = str(refused.value)
+    assert file_name in message, message
+    for word in words:
+        assert word in message, (word, message)
+    assert "re-download" in message.lower() or "another model" in message, message
+    if case in HEADER_CASES:  # the same refusal for any safetensors file, a LoRA's too: nothing about transformers
+        with pytest.raises(CheckpointError) as refused:
+            read_safetensors_header(path)
+        assert str(refused.value) in message
+        assert "transformer" not in str(refused.value) and "Z-Image" not in str(refused.value)
+
+
+# --- 8. a diffusers index that points outside its folder ------------------------------------------------------
+
+@pytest.mark.parametrize("shard", ["/etc/hostname", "../../x.safetensors", "transformer/x.safetensors",
+                                   "x.bin", "C:x.safetensors"])
+def test_index_pointing_outside_the_folder_is_refused_unread(tiny, tmp_path, monkeypatch, shard):
+    """An index that sends a shard's tensors elsewhere is refused before any shard is opened. Where the target
+    can be made, it is a valid copy of the shard it replaces: followed, the folder would load."""
+    folder = save_diffusers_folder(tiny.sd, str(tmp_path / "Z-Image-Turbo"))
+    tdir = os.path.join(folder, "transformer")
+    index_path = os.path.join(tdir, INDEX)
+    index = json.load(open(index_path))
+    first = sorted(set(index["weight_map"].values()))[0]
+    target = os.path.realpath(os.path.join(tdir, shard))
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(os.path.join(tdir, first), target)
+    os.remove(os.path.join(tdir, first))
+    index["weight_map"] = {k: shard if v == first else v for k, v in index["weight_map"].items()}
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+
+    opened = []
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(os.path.realpath(file))
+        return builtins.open(file, *args, **kwargs)
+
+    real_safe_open = safetensors.safe_open
+
+    def spy_safe_open(file, *args, **kwargs):
+        opened.append(os.path.realpath(file))
+        return real_safe_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(zimage.checkpoint, "open", spy_open, raising=False)  # the module's open, not builtins'
+    monkeypatch.setattr(safetensors, "safe_open", spy_safe_open)
+    with pytest.raises(CheckpointError) as refused:
+        load_transformer(folder, dtype=torch.float32)
+    message = str(refused.value)
+    assert "broken or malicious" in message and INDEX in message and repr(shard) in message, message
+    assert opened == [os.path.realpath(index_path)]  # the index, and nothing it names
+
+
+def test_symlinked_shard_inside_the_folder_loads(tiny, tmp_path):
+    """A shard the user keeps elsewhere and links into the folder under its own name is followed."""
+    folder = save_diffusers_folder(tiny.sd, str(tmp_path / "Z-Image-Turbo"))
+    tdir = os.path.join(folder, "transformer")
+    shard = sorted(f for f in os.listdir(tdir) if f.endswith(".safetensors"))[0]
+    os.rename(os.path.join(tdir, shard), str(tmp_path / "elsewhere.safetensors"))
+    os.symlink(str(tmp_path / "elsewhere.safetensors"), os.path.join(tdir, shard))
+    model = load_transformer(folder, dtype=torch.float32)
+    assert all(torch.equal(p, tiny.expected[n]) for n, p in model.named_parameters())
+
