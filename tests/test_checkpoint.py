@@ -503,11 +503,6 @@ REFUSALS = {
 }
 
 
-# conversion_plan's "incomplete checkpoint" message names the tensors, not the file
-UNNAMED = {"folder_missing_to_k"}
-
-
-
 @pytest.fixture
 def nothing_unpickled(monkeypatch):
     def refuse(*args, **kwargs):
@@ -527,8 +522,7 @@ def test_refusal_says_what_the_file_is(tiny, tmp_path, case, nothing_unpickled):
     message = str(refused.value)
     for word in words:
         assert word in message, (word, message)
-    if case not in UNNAMED:
-        assert os.path.basename(path.rstrip("/")) in message, message
+    assert os.path.basename(path.rstrip("/")) in message, message
 
 
 @pytest.fixture(scope="module")
@@ -649,6 +643,18 @@ def _bytes_after_last_tensor(tmp_path, tiny):
     return path, name
 
 
+def _spec_change(**changes):
+    """A tiny model's file that the safetensors format allows, with some tensors' (dtype, shape) changed (key
+    "<name>": spec, dots written as __) or added: the model it describes is broken."""
+    def build(tmp_path, tiny):
+        spec = comfy_header_spec(TINY)
+        spec.update({k.replace("__", "."): v for k, v in changes.items()})
+        path = str(tmp_path / "z_image_turbo_bf16.safetensors")
+        write_safetensors_by_hand(path, spec)
+        return path, os.path.basename(path)
+    return build
+
+
 def _index(content):
     """A diffusers folder of the tiny model whose index json is replaced by `content` (text, or a function of
     the parsed index returning the JSON value to write)."""
@@ -660,6 +666,14 @@ def _index(content):
             f.write(text)
         return folder, INDEX
     return build
+
+
+def _folder_to_k_narrow(tmp_path, tiny):
+    """to_q, to_k and to_v are stacked into one qkv: a to_k of another width cannot be."""
+    sd = dict(tiny.sd)
+    sd["layers.1.attention.to_k.weight"] = sd["layers.1.attention.to_k.weight"][:, :32].contiguous()
+    folder = save_diffusers_folder(sd, str(tmp_path / "Z-Image-Turbo"))
+    return folder, "Z-Image-Turbo"
 
 
 # case -> (build(tmp_path, tiny) -> (path to load, file name the message must hold), words the message must hold)
@@ -682,6 +696,20 @@ MALFORMED = {
         "data_offsets": header[X_EMBEDDER]["data_offsets"][::-1]}}), [X_EMBEDDER, "data_offsets"]),
     "offsets_overlap": (_header_edit(_overlapping), ["starts at byte"]),
     "bytes_after_last_tensor": (_bytes_after_last_tensor, ["16 bytes follow"]),
+    # tensors the config is read from, in a valid safetensors file
+    "q_norm_empty": (_spec_change(layers__0__attention__q_norm__weight=("BF16", [0])), [Q_NORM, "[0]"]),
+    "x_embedder_1d": (_spec_change(x_embedder__weight=("BF16", [64])), [X_EMBEDDER, "[64]"]),
+    "cap_embedder_empty": (_spec_change(cap_embedder__1__weight=("BF16", [64, 0])), ["cap_embedder.1.weight"]),
+    "t_embedder_3d": (_spec_change(t_embedder__mlp__0__weight=("BF16", [1024, 256, 1])), ["t_embedder.mlp.0.weight"]),
+    "head_size_not_dividing": (_spec_change(layers__0__attention__q_norm__weight=("BF16", [24])), ["head size 24"]),
+    "head_too_small_for_rope": (_spec_change(layers__0__attention__q_norm__weight=("BF16", [2])), ["rope_axes"]),
+    # other tensors whose shapes do not fit the model the config describes
+    "block_weight_wrong_shape": (_spec_change(layers__1__feed_forward__w2__weight=("BF16", [64, 100])),
+                                 ["layers.1.feed_forward.w2.weight [64, 100]", "needed [64, 170]"]),
+    "fp8_scale_not_broadcasting": (_spec_change(layers__0__attention__qkv__weight=("F8_E4M3", [192, 64]),
+                                                layers__0__attention__qkv__scale_weight=("F32", [3])),
+                                   ["layers.0.attention.qkv.scale_weight [3]"]),
+    "folder_to_k_narrower": (_folder_to_k_narrow, ["layers.1.attention.to_k.weight [64, 32]"]),
     # a diffusers folder's index
     "index_not_json": (_index("{\"weight_map\": {"), ["not valid JSON"]),
     "index_is_a_list": (_index(lambda index: [index]), ["weight_map"]),
@@ -695,8 +723,10 @@ HEADER_CASES = list(MALFORMED)[:list(MALFORMED).index("bytes_after_last_tensor")
 
 
 def test_unbroken_hand_written_header_is_accepted(tmp_path):
-    """The builder above breaks one thing at a time: unedited, the same header-only file is a valid tiny model."""
+    """The builders above break one thing each: unedited, the same header-only file is a valid tiny model."""
     path, _ = _header_edit(lambda header: header)(tmp_path, None)
+    assert inspect_checkpoint(path).config == TINY
+    path, _ = _spec_change()(tmp_path, None)
     assert inspect_checkpoint(path).config == TINY
 
 
@@ -769,4 +799,48 @@ def test_symlinked_shard_inside_the_folder_loads(tiny, tmp_path):
     os.symlink(str(tmp_path / "elsewhere.safetensors"), os.path.join(tdir, shard))
     model = load_transformer(folder, dtype=torch.float32)
     assert all(torch.equal(p, tiny.expected[n]) for n, p in model.named_parameters())
+
+
+# --- 9. keys known to be unused are skipped, every other unknown key refused ---------------------------------
+
+def _comfy_with(tiny, path, prefix, extra: dict[str, torch.Tensor]) -> str:
+    sd = {prefix + k: v.to(torch.bfloat16).contiguous() for k, v in diffusers_to_comfy(tiny.sd).items()}
+    save_file(sd | extra, path)
+    return path
+
+
+@pytest.mark.parametrize("prefix", [PREFIX, ""], ids=["prefixed", "unprefixed"])
+def test_stray_norm_final_is_ignored(tiny, tmp_path, prefix):
+    """Community fine-tunes saved with the Lumina trainer code carry an unused [dim] norm_final.weight."""
+    clean = _comfy_with(tiny, str(tmp_path / "clean.safetensors"), prefix, {})
+    stray = _comfy_with(tiny, str(tmp_path / "finetune.safetensors"), prefix,
+                        {prefix + "norm_final.weight": torch.randn(TINY.dim).to(torch.bfloat16)})
+    assert prefix + "norm_final.weight" in load_file(stray)
+    model, reference = load_transformer(stray, dtype=torch.float32), load_transformer(clean, dtype=torch.float32)
+    assert model.cfg == reference.cfg == TINY
+    with torch.no_grad():
+        assert torch.equal(model(*tiny.inputs), reference(*tiny.inputs))
+
+
+# case -> (the file's prefix, the one extra key)
+UNKNOWN_KEYS = {
+    "prefixed": (PREFIX, PREFIX + "layers.0.attention.adapter.weight"),
+    "unprefixed_in_prefixed_file": (PREFIX, "norm_out.weight"),
+    "engine_name_outside_the_prefix": (PREFIX, "x_embedder.bias"),
+    "norm_final_under_another_prefix": (PREFIX, "diffusion_model.norm_final.weight"),
+    "unprefixed_file": ("", "layers.0.attention.adapter.weight"),
+    "scale_without_its_weight": ("", "layers.0.attention.adapter.scale_weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNKNOWN_KEYS))
+def test_unknown_key_is_refused(tiny, tmp_path, case):
+    prefix, key = UNKNOWN_KEYS[case]
+    path = _comfy_with(tiny, str(tmp_path / "z_image_turbo_bf16.safetensors"), prefix,
+                       {key: torch.zeros(TINY.dim, dtype=torch.bfloat16)})
+    with pytest.raises(CheckpointError) as refused:
+        load_transformer(path, dtype=torch.float32)
+    message = str(refused.value)
+    assert "z_image_turbo_bf16.safetensors" in message and f" {key}." in message, message
+    assert "does not have" in message, message
 

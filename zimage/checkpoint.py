@@ -52,6 +52,23 @@ RENAMES = [
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 IGNORED_KEYS = re.compile(r"(^scaled_fp8$|\.scale_input$|\.input_scale$|\.comfy_quant$)")
 
+# Tensors that real Z-Image files carry and no Z-Image model uses, matched without the prefix: they are skipped on
+# load. Every other key that the model does not explain is refused (check_layout), so that a file with weights
+# this loader would drop is never run as if it were complete.
+UNUSED_KEYS = frozenset({
+    # Lumina-Image 2.0's NextDiT, which Z-Image's transformer descends from, builds a final RMSNorm(dim) that its
+    # forward never calls (the final layer has its own norm). ComfyUI's NextDiT has that line commented out and
+    # diffusers has no such key, but trainers built on the Lumina code save the whole module, so community
+    # fine-tunes carry a [dim] norm_final.weight (under model.diffusion_model. like their other keys).
+    "norm_final.weight",
+})
+
+
+def skipped(key: str) -> bool:
+    """True for a key (prefix stripped) that holds no weight of the engine's: an fp8 marker or input scale, or a
+    tensor known to be unused."""
+    return key in UNUSED_KEYS or IGNORED_KEYS.search(key) is not None
+
 
 def engine_key(source_key: str) -> tuple[str, int, int]:
     """Source tensor name (prefix already stripped) -> (engine name, part index, number of parts)."""
@@ -76,13 +93,17 @@ def conversion_plan(keys: Iterable[str]) -> dict[str, list[str]]:
     parts: dict[str, dict[int, str]] = defaultdict(dict)
     counts: dict[str, int] = {}
     for key in keys:
-        stripped = key[len(prefix):]
-        # the ignored keys are matched without the prefix: a prefixed file's marker is `<prefix>scaled_fp8`
-        if not key.startswith(prefix) or IGNORED_KEYS.search(stripped) or key.endswith(SCALE_SUFFIXES):
+        # a key outside the prefix is no part of the plan; check_layout refuses it unless it is skipped()
+        stripped = key.removeprefix(prefix)
+        # skipped keys are matched without the prefix: a prefixed file's marker is `<prefix>scaled_fp8`
+        if not key.startswith(prefix) or skipped(stripped) or key.endswith(SCALE_SUFFIXES):
             continue
         name, part, n = engine_key(stripped)
+        if part in parts[name] or counts.setdefault(name, n) != n:
+            # e.g. a fused attention.qkv and a separate to_q for one layer: which one the model is, nobody knows
+            raise CheckpointError(f"{name} comes from both {next(iter(parts[name].values()))} and {key}: the file "
+                                  f"mixes two layouts")
         parts[name][part] = key
-        counts[name] = n
     plan = {}
     for name, found in parts.items():
         if len(found) != counts[name]:
@@ -311,7 +332,8 @@ class CheckpointInfo:
 
 
 def inspect_checkpoint(path: str) -> CheckpointInfo:
-    """Identify a transformer file or folder from its headers alone: format, variant, config."""
+    """Identify a transformer file or folder from its headers alone: format, variant, config;
+    a file whose tensors are not exactly that model's raises CheckpointError."""
     files = checkpoint_files(path)
     entries: dict[str, TensorEntry] = {}
     for file in files:
@@ -328,39 +350,96 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
     except CheckpointError as e:
         raise CheckpointError(f"{name}: {e}") from None
 
-    def shape(engine_name):
+    def shape(engine_name, rank):
+        """The shape of a tensor the config is read from: the rank the model has there, no size 0 (a divisor)."""
         sources = plan.get(engine_name)
         if not sources:
             raise CheckpointError(f"{name} is not a complete Z-Image transformer: {engine_name} is missing")
-        return entries[sources[0]].shape
+        found = entries[sources[0]].shape
+        if len(found) != rank or 0 in found:
+            raise CheckpointError(f"{name} is damaged: {sources[0]} has shape {found}, where a Z-Image transformer "
+                                  f"has a {rank}-D tensor with no empty side. Re-download it.")
+        return found
 
-    dim, patch_dim = shape("x_embedder.weight")
+    dim, patch_dim = shape("x_embedder.weight", 2)
     if dim == 2304:
         raise CheckpointError(f"{name} is a Lumina Image 2.0 transformer, not Z-Image.")
-    head_dim = shape("layers.0.attention.q_norm.weight")[0]
-    t_mid, n_freqs = shape("t_embedder.mlp.0.weight")
+    head_dim = shape("layers.0.attention.q_norm.weight", 1)[0]
+    if dim % head_dim or patch_dim % ZImageConfig.patch_size**2:
+        raise CheckpointError(f"{name} is damaged or not a Z-Image transformer: its width {dim} is no multiple of its "
+                              f"head size {head_dim}, or its patch input {patch_dim} no multiple of "
+                              f"{ZImageConfig.patch_size**2}. Re-download it.")
+    t_mid, n_freqs = shape("t_embedder.mlp.0.weight", 2)
     variant = "z-image-omni" if any(k.startswith("siglip_") for k in plan) else "z-image"
-    cfg = ZImageConfig(
+    fields = dict(
         dim=dim,
         n_layers=_count(plan, "layers"),
         n_refiner_layers=_count(plan, "noise_refiner"),
         n_heads=dim // head_dim,
-        ffn_hidden=shape("layers.0.feed_forward.w1.weight")[0],
-        in_channels=patch_dim // 4,
-        cap_feat_dim=shape("cap_embedder.1.weight")[1],
-        t_embed_dim=shape("t_embedder.mlp.2.weight")[0],
+        ffn_hidden=shape("layers.0.feed_forward.w1.weight", 2)[0],
+        in_channels=patch_dim // ZImageConfig.patch_size**2,
+        cap_feat_dim=shape("cap_embedder.1.weight", 2)[1],
+        t_embed_dim=shape("t_embedder.mlp.2.weight", 2)[0],
         t_embed_mid=t_mid,
         rope_axes=ZImageConfig.rope_axes_for(head_dim),
-        siglip_feat_dim=shape("siglip_embedder.1.weight")[1] if variant == "z-image-omni" else None,
+        siglip_feat_dim=shape("siglip_embedder.1.weight", 2)[1] if variant == "z-image-omni" else None,
     )
+    try:
+        cfg = ZImageConfig(**fields)
+    except ValueError as e:  # e.g. RoPE axes that do not fit the head size
+        raise CheckpointError(f"{name} does not describe a model the engine can build: {e}. Re-download it.") from None
     if _count(plan, "context_refiner") != cfg.n_refiner_layers:
         raise CheckpointError(f"{name}: noise and context refiners differ in depth; not a Z-Image transformer")
     if variant == "z-image-omni" and _count(plan, "siglip_refiner") != cfg.n_refiner_layers:
         raise CheckpointError(f"{name} is an incomplete Z-Image Omni/Edit transformer: its SigLIP refiner has "
                               f"{_count(plan, 'siglip_refiner')} blocks, its other refiners {cfg.n_refiner_layers}")
+    check_layout(name, cfg, plan, entries, prefix)
     fmt = "diffusers" if any("to_q" in k or "all_x_embedder" in k for k in keys) else "comfyui"
     stored = SAFETENSORS_DTYPES.get(entries[plan["layers.0.attention.qkv.weight"][0]].dtype, torch.float32)
     return CheckpointInfo(files, fmt, variant, stored, cfg, plan, entries)
+
+
+def check_layout(name: str, cfg: ZImageConfig, plan: dict[str, list[str]], entries: dict[str, TensorEntry],
+                 prefix: str) -> None:
+    """The one place that decides whether a file holds exactly the model `cfg` describes: every parameter present
+    with its shape, and every tensor in the file either a parameter (or a part of one), an fp8 weight's scale, or
+    skipped() by name. Anything else is refused, so no weight is ever dropped in silence."""
+    with torch.device("meta"):
+        expected = {k: list(p.shape) for k, p in S3DiT(cfg).named_parameters()}
+    used, wrong = set(), []
+    for engine_name, sources in plan.items():
+        if engine_name not in expected:
+            continue  # its sources are left unused: refused below by their names in the file
+        used.update(sources)
+        shapes = [entries[s].shape for s in sources]
+        found = shapes[0] if len(shapes) == 1 else None
+        if len(shapes) > 1 and all(len(s) >= 1 and s[1:] == shapes[0][1:] for s in shapes):
+            found = [sum(s[0] for s in shapes), *shapes[0][1:]]  # the parts are stacked along dim 0
+        if found != expected[engine_name]:
+            wrong.append(f"{' + '.join(f'{s} {entries[s].shape}' for s in sources)} (needed {expected[engine_name]})")
+        for s in sources:
+            scale = _scale_key(s, entries)
+            if scale:
+                used.add(scale)
+                try:  # multiplied into the weight on load: it must broadcast to the weight's shape
+                    fits = list(torch.broadcast_shapes(entries[scale].shape, entries[s].shape)) == entries[s].shape
+                except RuntimeError:
+                    fits = False
+                if not fits:
+                    wrong.append(f"{scale} {entries[scale].shape} (a scale for {s} {entries[s].shape})")
+    unknown = sorted(k for k in entries if k not in used and not skipped(k.removeprefix(prefix)))
+    missing = sorted(set(expected) - set(plan))
+    if unknown:
+        raise CheckpointError(f"{name} holds tensors that a Z-Image transformer does not have: "
+                              f"{', '.join(unknown[:8])}{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}. "
+                              f"It is another model, or a Z-Image variant this loader does not know; it was not "
+                              f"loaded, so that none of its weights would be dropped.")
+    if missing:
+        raise CheckpointError(f"{name} is not a complete Z-Image transformer: missing {', '.join(missing[:8])}"
+                              f"{f' and {len(missing) - 8} more' if len(missing) > 8 else ''}. Re-download it.")
+    if wrong:
+        raise CheckpointError(f"{name} is damaged or not a Z-Image transformer: the shapes of {'; '.join(wrong[:4])} "
+                              f"do not fit the model its other tensors describe. Re-download it.")
 
 
 def _count(plan, stack: str) -> int:
@@ -384,28 +463,23 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
     device = torch.device(device)
     with torch.device("meta"):
         model = S3DiT(info.config, attention=attention)
-    expected = dict(model.named_parameters())
-    unexpected = sorted(set(info.plan) - set(expected))
-    missing = sorted(set(expected) - set(info.plan))
-    if unexpected or missing:
-        raise CheckpointError(f"{os.path.basename(path)} does not match the detected Z-Image layout: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-
+    # inspect_checkpoint's check_layout has matched every name and shape of the plan to this model
     handles = {}
+
+    def read(key):
+        file = info.entries[key].file
+        if file not in handles:
+            handles[file] = safe_open(file, framework="pt", device="cpu")
+        return handles[file].get_tensor(key)
+
     try:
         for name, sources in info.plan.items():
             tensors = []
             for s in sources:
-                file = info.entries[s].file
-                if file not in handles:
-                    handles[file] = safe_open(file, framework="pt", device="cpu")
-                scale_key = _scale_key(s, info.entries)
-                scale = handles[file].get_tensor(scale_key) if scale_key else None
-                tensors.append(_dequantize(handles[file].get_tensor(s), scale).to(device=device, dtype=dtype))
+                scale_key = _scale_key(s, info.entries)  # in any shard of a folder, not only the weight's
+                scale = read(scale_key) if scale_key else None
+                tensors.append(_dequantize(read(s), scale).to(device=device, dtype=dtype))
             tensor = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-            if tensor.shape != expected[name].shape:
-                raise CheckpointError(f"{name}: shape {list(tensor.shape)} in the file, {list(expected[name].shape)} "
-                                      f"expected for the detected config")
             module_name, _, param_name = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
             setattr(module, param_name, torch.nn.Parameter(tensor, requires_grad=False))
