@@ -108,8 +108,9 @@ def save_comfy_file(sd_diffusers, path, dtype=torch.bfloat16, prefix=""):
     return path
 
 
-def save_diffusers_folder(sd_diffusers, folder, dtype=torch.float32, shards=3):
-    """A diffusers-style model folder: transformer/ with sharded safetensors and their index json."""
+def save_diffusers_folder(sd_diffusers, folder, dtype=torch.float32, shards=3, config: dict | None = None):
+    """A diffusers-style model folder: transformer/ with sharded safetensors and their index json, and a
+    config.json with `config` (a diffusers model's .config, as save_pretrained writes it) or only the class name."""
     tdir = os.path.join(folder, "transformer")
     os.makedirs(tdir, exist_ok=True)
     keys = sorted(sd_diffusers)
@@ -122,7 +123,7 @@ def save_diffusers_folder(sd_diffusers, folder, dtype=torch.float32, shards=3):
     with open(os.path.join(tdir, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with open(os.path.join(tdir, "config.json"), "w") as f:
-        json.dump({"_class_name": "ZImageTransformer2DModel"}, f)
+        json.dump({"_class_name": "ZImageTransformer2DModel", **(config or {})}, f)
     return folder
 
 

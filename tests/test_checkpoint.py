@@ -52,9 +52,10 @@ VELOCITY_TOLERANCE = {"comfy_bf16": 2e-2, "comfy_bf16_prefixed": 2e-2, "diffuser
                       "fp8_scaled_prefixed": 0.15}
 
 
-def write_all_formats(sd: dict[str, torch.Tensor], root) -> dict[str, str]:
+def write_all_formats(sd: dict[str, torch.Tensor], root, config: dict) -> dict[str, str]:
+    """Each format's file, the diffusers folder with the config.json diffusers writes (`config`, the reference's)."""
     root = str(root)
-    folder = save_diffusers_folder(sd, os.path.join(root, "Z-Image-Turbo"), shards=3)
+    folder = save_diffusers_folder(sd, os.path.join(root, "Z-Image-Turbo"), shards=3, config=config)
     return {
         "comfy_bf16": save_comfy_file(sd, os.path.join(root, "z_image_turbo_bf16.safetensors")),
         "comfy_bf16_prefixed": save_comfy_file(sd, os.path.join(root, "prefixed_bf16.safetensors"), prefix=PREFIX),
@@ -96,7 +97,7 @@ class Saved:
                         p.mul_(scale_blocks)
         self.sd = {k: v.detach().clone() for k, v in self.reference.state_dict().items()}
         self.expected = convert_state_dict(self.sd)  # float32, engine names
-        self.paths = write_all_formats(self.sd, root)
+        self.paths = write_all_formats(self.sd, root, dict(self.reference.config))
         self.inputs = velocity_inputs(cfg)
         with torch.no_grad():
             self.velocity = diffusers_velocity(self.reference, *self.inputs)
@@ -668,6 +669,23 @@ def _index(content):
     return build
 
 
+def _config(content):
+    """A diffusers folder of the tiny model with its full config.json, then changed: `content` is the text to
+    write, or a function of the parsed config returning the JSON value to write."""
+    def build(tmp_path, tiny):
+        folder = save_diffusers_folder(tiny.sd, str(tmp_path / "Z-Image-Turbo"), config=dict(tiny.reference.config))
+        path = os.path.join(folder, "transformer", "config.json")
+        text = content if isinstance(content, str) else json.dumps(content(json.load(open(path))))
+        with open(path, "w") as f:
+            f.write(text)
+        return folder, "config.json"
+    return build
+
+
+def _with(key, value):
+    return lambda config: config | {key: value}
+
+
 def _folder_to_k_narrow(tmp_path, tiny):
     """to_q, to_k and to_v are stacked into one qkv: a to_k of another width cannot be."""
     sd = dict(tiny.sd)
@@ -718,6 +736,16 @@ MALFORMED = {
                              ["weight_map"]),
     "weight_map_not_strings": (_index(lambda index: {"weight_map": {k: 3 for k in index["weight_map"]}}),
                                ["weight_map"]),
+    # a diffusers folder's config.json
+    "config_not_json": (_config("{\"axes_dims\": [4, 6,"), ["not valid JSON"]),
+    "config_is_a_list": (_config(lambda config: [config]), ["JSON list"]),
+    "config_disagrees_on_dim": (_config(_with("dim", 128)), ["dim is 128", "64"]),
+    "config_disagrees_on_layers": (_config(_with("n_layers", 30)), ["n_layers is 30"]),
+    "config_more_kv_heads": (_config(_with("n_kv_heads", 2)), ["n_kv_heads is 2"]),
+    "config_odd_rope_axes": (_config(_with("axes_dims", [5, 5, 6])), ["rope_axes"]),
+    "config_two_rope_axes": (_config(_with("axes_dims", [8, 8])), ["axes_dims [8, 8]"]),
+    "config_rope_theta_text": (_config(_with("rope_theta", "256")), ["rope_theta '256'"]),
+    "config_patch_size_1": (_config(_with("all_patch_size", [1])), ["all_patch_size is [1]", "another model"]),
 }
 HEADER_CASES = list(MALFORMED)[:list(MALFORMED).index("bytes_after_last_tensor") + 1]
 
@@ -844,3 +872,29 @@ def test_unknown_key_is_refused(tiny, tmp_path, case):
     assert "z_image_turbo_bf16.safetensors" in message and f" {key}." in message, message
     assert "does not have" in message, message
 
+
+# --- 10. a diffusers folder's config.json ---------------------------------------------------------------------
+
+def test_diffusers_config_sets_what_the_headers_cannot(tmp_path):
+    """RoPE split, RoPE theta and lengths, norm eps and time scale come from config.json: the tiny model's
+    head (16) split (8, 4, 4), where the guess from the head size is (4, 6, 6)."""
+    cfg = ZImageConfig.tiny(rope_axes=(8, 4, 4), rope_theta=100.0, rope_lengths=(1024, 128, 128), norm_eps=1e-6,
+                            t_scale=500.0)
+    assert ZImageConfig.rope_axes_for(cfg.head_dim) == (4, 6, 6)
+    reference = diffusers_reference(cfg, seed=14)
+    folder = save_diffusers_folder(reference.state_dict(), str(tmp_path / "Z-Image-Custom"),
+                                   config=dict(reference.config))
+    inputs = velocity_inputs(cfg)
+    with torch.no_grad():
+        expected = diffusers_velocity(reference, *inputs)
+    assert inspect_checkpoint(folder).config == cfg
+    model = load_transformer(folder, dtype=torch.float32)
+    assert model.cfg.rope_axes == (8, 4, 4)
+    with torch.no_grad():
+        assert rel_err(model(*inputs), expected) < 1e-5
+    # without config.json the split is guessed, and the model computes something else
+    os.remove(os.path.join(folder, "transformer", "config.json"))
+    guessed = load_transformer(folder, dtype=torch.float32)
+    assert guessed.cfg.rope_axes == (4, 6, 6)
+    with torch.no_grad():
+        assert rel_err(guessed(*inputs), expected) > 1e-2

@@ -332,8 +332,8 @@ class CheckpointInfo:
 
 
 def inspect_checkpoint(path: str) -> CheckpointInfo:
-    """Identify a transformer file or folder from its headers alone: format, variant, config;
-    a file whose tensors are not exactly that model's raises CheckpointError."""
+    """Identify a transformer file or folder from its headers alone (and a diffusers folder's config.json):
+    format, variant, config; a file whose tensors are not exactly that model's raises CheckpointError."""
     files = checkpoint_files(path)
     entries: dict[str, TensorEntry] = {}
     for file in files:
@@ -384,10 +384,13 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
         rope_axes=ZImageConfig.rope_axes_for(head_dim),
         siglip_feat_dim=shape("siglip_embedder.1.weight", 2)[1] if variant == "z-image-omni" else None,
     )
+    config_json = os.path.join(transformer_folder(path), "config.json")
+    taken = config_json_fields(config_json, fields) if os.path.isdir(path) and os.path.isfile(config_json) else {}
     try:
-        cfg = ZImageConfig(**fields)
+        cfg = ZImageConfig(**fields | taken)
     except ValueError as e:  # e.g. RoPE axes that do not fit the head size
-        raise CheckpointError(f"{name} does not describe a model the engine can build: {e}. Re-download it.") from None
+        raise CheckpointError(f"{config_json if taken else name} does not describe a model the engine can build: "
+                              f"{e}. Re-download it.") from None
     if _count(plan, "context_refiner") != cfg.n_refiner_layers:
         raise CheckpointError(f"{name}: noise and context refiners differ in depth; not a Z-Image transformer")
     if variant == "z-image-omni" and _count(plan, "siglip_refiner") != cfg.n_refiner_layers:
@@ -397,6 +400,52 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
     fmt = "diffusers" if any("to_q" in k or "all_x_embedder" in k for k in keys) else "comfyui"
     stored = SAFETENSORS_DTYPES.get(entries[plan["layers.0.attention.qkv.weight"][0]].dtype, torch.float32)
     return CheckpointInfo(files, fmt, variant, stored, cfg, plan, entries)
+
+
+# A diffusers folder's transformer/config.json holds ZImageTransformer2DModel's arguments. The ones the headers
+# cannot tell (how the head is split between the RoPE axes, and the other constants of the forward) are taken
+# from it: config.json key -> ZImageConfig field.
+CONFIG_TAKEN = {"axes_dims": "rope_axes", "axes_lens": "rope_lengths", "rope_theta": "rope_theta",
+                "norm_eps": "norm_eps", "t_scale": "t_scale"}
+# The ones the headers do tell must agree with them: config.json key -> the ZImageConfig field it is.
+CONFIG_CHECKED = {"dim": "dim", "n_layers": "n_layers", "n_refiner_layers": "n_refiner_layers", "n_heads": "n_heads",
+                  "n_kv_heads": "n_heads",  # the engine's attention has as many key/value heads as query heads
+                  "in_channels": "in_channels", "cap_feat_dim": "cap_feat_dim", "siglip_feat_dim": "siglip_feat_dim"}
+# And the choices of layout the engine has only one of.
+CONFIG_FIXED = {"all_patch_size": [ZImageConfig.patch_size], "all_f_patch_size": [1], "qk_norm": True}
+
+
+def config_json_fields(path: str, fields: dict) -> dict:
+    """The ZImageConfig fields a diffusers config.json gives, after checking it against `fields`, those the
+    headers gave."""
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is a JSON {type(config).__name__}, not the transformer's settings. Re-download "
+                              f"it from the model's repository.")
+    for key, field in CONFIG_CHECKED.items():
+        if key in config and config[key] != fields[field]:
+            raise CheckpointError(f"{path} says {key} is {_short(config[key])}, but the weights beside it make it "
+                                  f"{fields[field]!r}: the folder mixes files of different models. Re-download it.")
+    for key, value in CONFIG_FIXED.items():
+        if key in config and config[key] != value:
+            raise CheckpointError(f"{path} says {key} is {_short(config[key])}, where Z-Image has {value!r}, the only "
+                                  f"layout this loader runs: the folder holds another model.")
+    taken = {}
+    for key, field in CONFIG_TAKEN.items():
+        if key not in config:
+            continue
+        value = config[key]
+        if isinstance(getattr(ZImageConfig, field), tuple):  # the RoPE axes' sizes and position counts
+            if not (isinstance(value, list) and len(value) == 3 and all(type(n) is int and n > 0 for n in value)):
+                raise CheckpointError(f"{path} has {key} {_short(value)}, not three positive integers. Re-download "
+                                      f"it from the model's repository.")
+            taken[field] = tuple(value)
+            continue
+        if not (type(value) in (int, float) and 0 < value < math.inf):
+            raise CheckpointError(f"{path} has {key} {_short(value)}, not a positive number. Re-download it from "
+                                  f"the model's repository.")
+        taken[field] = float(value)
+    return taken
 
 
 def check_layout(name: str, cfg: ZImageConfig, plan: dict[str, list[str]], entries: dict[str, TensorEntry],
