@@ -23,6 +23,7 @@ import folder_paths
 
 from .checks import require_finite
 from .comfy_model import engine_of
+from ..zimage import CheckpointError, read_safetensors_header
 
 PEFT_PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.")
 
@@ -232,6 +233,11 @@ class ZImageLoraLoader:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         if not path.endswith((".safetensors", ".sft")):
             raise ValueError(f"{lora_name} is not a .safetensors file; pickled LoRAs are never opened.")
+        try:
+            # the checks the transformer's loader makes: a truncated download or another format, named as such
+            read_safetensors_header(path)
+        except CheckpointError as e:
+            raise ValueError(f"ZImageLoraLoader: {e}") from None
         lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
         try:
             return (apply_lora(model, lora_sd, strength),)

@@ -582,6 +582,17 @@ def test_lora_holding_nan_or_inf_is_refused_by_name(comfy, base):
     assert nan_key in str(err.value) and inf_key in str(err.value) and name in str(err.value)
 
 
+def test_truncated_lora_file_is_refused_as_truncated(comfy, loras, base):
+    """A download cut short gets the transformer loader's header checks: an error that says so, in the node."""
+    model, _ = base
+    folder = Path(comfy["folder_paths"].get_folder_paths("loras")[-1])
+    whole = (folder / loras["kohya-musubi"].name).read_bytes()
+    name = "zimage-test-truncated.safetensors"
+    (folder / name).write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(ValueError, match=f"ZImageLoraLoader: {name} is truncated.*Re-download it"):
+        comfy["pack_lora"].ZImageLoraLoader().load(model, name, 1.0)
+
+
 def test_weights_are_patched_once_not_per_step(comfy, loras, base, caplog, monkeypatch):
     """After ComfyUI loads the MODEL (as ZImageSampler does), the LoRA lives in the weights themselves: no
     per-step weight functions on the ops modules, and forward passes never compute a LoRA weight."""
