@@ -57,6 +57,10 @@ class ZImageLatent:
         # defining this replaces ComfyUI's own range checks for these inputs, so all of them are made here
         if aspect not in ASPECTS:
             return f"unknown aspect {aspect!r}"
+        # ComfyUI hands this method the raw values: a width it could not read as an INT arrives as it was sent
+        for name, value in (("width", width), ("height", height), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"{name} {value!r} is not a whole number"
         if not 1 <= batch_size <= 64:
             return f"batch_size {batch_size} is outside 1..64"
         if ASPECTS[aspect] is None:

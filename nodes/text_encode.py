@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 MAX_TOKENS = 512  # the official pipelines truncate the templated prompt here
 
@@ -23,6 +24,28 @@ def require_qwen3(clip, node: str) -> None:
     if getattr(clip.tokenizer, "clip_name", None) != "qwen3_4b":
         raise ValueError(f"{node}: this CLIP is not Qwen3-4B. Load qwen_3_4b.safetensors with CLIPLoader and type "
                          f"lumina2.")
+
+
+# Qwen's special tokens, as text: the tokenizer turns each into its single token wherever it stands, so a prompt
+# that contains one writes into the chat template itself. The official pipelines tokenize the same way (their
+# tokenizer splits special tokens out of the prompt too), so they are kept, with a warning.
+SPECIAL_TOKEN_TEXT = re.compile(r"<\|[a-z_]+\|>|</?think>")
+
+
+def check_prompt(text: str, what: str, node: str) -> str | None:
+    """Refuse a prompt the tokenizer cannot read; a warning when it carries chat-template markers."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # a lone UTF-16 surrogate (a broken copy-paste or API client): the tokenizer would fail with a TypeError
+        raise ValueError(f"{node}: the {what} holds a character that is not valid text ({text[e.start]!r} at position "
+                         f"{e.start}, a lone surrogate from a broken copy-paste or client). Remove it and queue "
+                         f"again.") from None
+    markers = sorted(set(SPECIAL_TOKEN_TEXT.findall(text)))
+    if markers:
+        return (f"the {what} contains {', '.join(markers)}: Qwen reads each as its chat-template token, not as text "
+                f"(as the official pipeline does)")
+    return None
 
 
 def encode(clip, text: str, llama_template: str) -> tuple[list, str | None]:
@@ -61,9 +84,11 @@ class ZImageTextEncode:
 
     def encode(self, clip, prompt, negative_prompt, template):
         require_qwen3(clip, "ZImageTextEncode")
+        checks = [check_prompt(prompt, "prompt", "ZImageTextEncode"),
+                  check_prompt(negative_prompt, "negative prompt", "ZImageTextEncode")]
         positive, w1 = encode(clip, prompt, TEMPLATES[template])
         negative, w2 = encode(clip, negative_prompt, TEMPLATES[template])
-        warnings = [w for w in (w1, w2) if w]
+        warnings = [w for w in (*checks, w1, w2) if w]
         for w in warnings:
             logging.warning("ZImageTextEncode: " + w)
         return {"ui": {"text": warnings}, "result": (positive, negative)}

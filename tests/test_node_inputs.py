@@ -1,0 +1,112 @@
+"""Odd values a user or an API client sends get a clear answer: a refusal that says what to change, or a warning
+when the value is legal but does something the user may not expect."""
+
+from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from comfy_host import load_workflow, shrink
+from helpers import randomize_
+from zimage import ZImageConfig
+
+pytestmark = pytest.mark.host
+
+
+def test_a_width_that_is_not_a_number_gets_a_validation_message(comfy_server):
+    prompt = shrink(load_workflow("zimage_turbo_t2i.api.json"))
+    prompt["5"]["inputs"]["width"] = "wide"
+    status, body = comfy_server.queue(prompt)
+    assert status == 400, body
+    messages = " ".join(f"{e['message']} {e.get('details', '')}" for e in body["node_errors"]["5"]["errors"])
+    assert "width 'wide' is not a whole number" in messages
+    assert "string formatting" not in messages
+
+
+def test_a_lone_surrogate_in_a_prompt_is_refused_by_position(comfy_server):
+    prompt = shrink(load_workflow("zimage_turbo_t2i.api.json"))
+    prompt["4"]["inputs"]["prompt"] = "a cat \ud83d on a mat"  # half of an emoji's surrogate pair
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "error"
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_type"] == "ZImageTextEncode"
+    assert "the prompt holds a character that is not valid text" in error["exception_message"]
+    assert "position 6" in error["exception_message"]
+    assert comfy_server.run(shrink(load_workflow("zimage_turbo_t2i.api.json")))["status"]["status_str"] == "success"
+
+
+def test_chat_markers_in_a_prompt_are_kept_as_qwen_reads_them_and_warned_about(comfy_server):
+    prompt = shrink(load_workflow("zimage_turbo_t2i.api.json"))
+    prompt["4"]["inputs"]["prompt"] = "a sign that reads <|im_end|> and <think>"
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (warning,) = entry["outputs"]["4"]["text"]
+    assert "</think>" not in warning and "<think>, <|im_end|>" in warning and "chat-template token" in warning
+
+
+def test_chat_markers_become_single_special_tokens_in_comfyui_and_in_qwen(comfyui_path):
+    """What the warning says: ComfyUI's tokenizer, like the Qwen tokenizer the official pipeline uses, reads
+    <|im_end|> inside a prompt as the one special token, not as text."""
+    import os
+
+    import comfy.text_encoders.z_image as z_image
+    from transformers import Qwen2Tokenizer
+
+    text = "a sign that reads <|im_end|> here"
+    ours = [t for t, _ in z_image.ZImageTokenizer().tokenize_with_weights(text, llama_template="{}")["qwen3_4b"][0]]
+    qwen = Qwen2Tokenizer.from_pretrained(os.path.join(os.path.dirname(z_image.__file__), "qwen25_tokenizer"))
+    im_end = qwen.convert_tokens_to_ids("<|im_end|>")
+    assert ours == qwen(text, add_special_tokens=False)["input_ids"]
+    assert ours.count(im_end) == 1
+
+
+@pytest.fixture
+def edit_node(zimage_pack):
+    pack = zimage_pack.__name__
+    comfy_model = importlib.import_module(f"{pack}.nodes.comfy_model").comfy_model
+    S3DiT = importlib.import_module(f"{pack}.zimage").S3DiT
+    model = comfy_model(randomize_(S3DiT(ZImageConfig.tiny(siglip_feat_dim=24)), 0).eval())
+    clip = SimpleNamespace(tokenizer=SimpleNamespace(clip_name="qwen3_4b"))
+    edit = importlib.import_module(f"{pack}.nodes.edit").ZImageEdit()
+    return lambda **inputs: edit.edit(**{"model": model, "clip": clip, "clip_vision": None, "vae": None,
+                                         "instruction": "x", "negative_prompt": "", **inputs})
+
+
+@pytest.mark.parametrize("empty", ["image", "image_2"])
+def test_zimage_edit_refuses_an_empty_image_batch(edit_node, empty):
+    images = {"image": torch.rand(1, 64, 64, 3), empty: torch.zeros(0, 64, 64, 3)}
+    with pytest.raises(ValueError, match=f"ZImageEdit: the {empty} input holds no reference image"):
+        edit_node(**images)
+
+
+class NaFlexLikeOutput:
+    """What ComfyUI 0.14's CLIPVisionLoader returns for a SigLIP2 NaFlex model: tokens on the image's own grid,
+    and the size it encoded in image_sizes (channels, height, width)."""
+
+    def __init__(self, rows, cols, patch=16, width=24):
+        self.last_hidden_state = torch.arange(rows * cols * width, dtype=torch.float32).reshape(1, rows * cols, width)
+        self.image_sizes = [torch.Size([3, rows * patch, cols * patch])]
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+def test_siglip_grid_follows_the_naflex_image_size(zimage_pack):
+    siglip_grid = importlib.import_module(f"{zimage_pack.__name__}.nodes.edit").siglip_grid
+    output = NaFlexLikeOutput(rows=3, cols=5)
+    grid = siglip_grid(output)
+    assert grid.shape == (3, 5, 24)
+    # row-major, as the encoder lays its patches out
+    assert torch.equal(grid[1, 0], output.last_hidden_state[0, 5])
+    # without image_sizes (ComfyUI 0.8, fixed-size SigLIP) a square grid, and a clear refusal otherwise
+    square = SimpleNamespace(last_hidden_state=torch.zeros(1, 16, 24))
+    assert siglip_grid({"last_hidden_state": square.last_hidden_state}).shape == (4, 4, 24)
+    with pytest.raises(ValueError, match="not a square grid"):
+        siglip_grid({"last_hidden_state": torch.zeros(1, 15, 24)})
+    broken = NaFlexLikeOutput(rows=3, cols=5)
+    broken.image_sizes = [torch.Size([3, 48, 100])]
+    with pytest.raises(ValueError, match="no patch grid"):
+        siglip_grid(broken)
