@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+import comfy.conds
 import comfy.float
 import comfy.model_base
 import comfy.model_management as mm
@@ -21,9 +22,7 @@ import comfy.supported_models
 from ..zimage import S3DiT
 from ..zimage.fp8 import E4M3, E4M3_MAX, Fp8Linear
 from ..zimage.model import RMSNorm
-
-
-OMNI_KEY = "zimage_omni"  # ZImageEdit's caption chunks and reference images, in a CONDITIONING entry's options
+from .reference_images import REFERENCE_KEYS, omni_inputs, reference_conds
 
 
 class ZImageModel(comfy.model_base.Lumina2):
@@ -32,11 +31,16 @@ class ZImageModel(comfy.model_base.Lumina2):
         self.diffusion_model = transformer
 
     def extra_conds(self, **kwargs):
-        # ComfyUI's samplers would drop the reference images and sample the instruction alone: refuse instead
-        if OMNI_KEY in kwargs:
-            raise ValueError("ZImageEdit's conditioning carries reference images, which only ZImageSampler passes to "
-                             "the model. Sample it with ZImageSampler instead of KSampler.")
-        return super().extra_conds(**kwargs)
+        # reference images (TextEncodeZImageOmni, ZImageEdit) are read here on every ComfyUI version, not by
+        # Lumina2's own code (0.14 and later), whose SigLIP reshape assumes 16-pixel patches
+        extras = {key: kwargs.pop(key) for key in REFERENCE_KEYS if key in kwargs}
+        out = super().extra_conds(**kwargs)
+        try:
+            conds = reference_conds(extras, self.process_latent_in)
+        except ValueError as e:
+            raise ValueError(f"Z-Image reference images: {e}") from None
+        out.update({name: comfy.conds.CONDList(tensors) for name, tensors in conds.items()})
+        return out
 
     def memory_required(self, input_shape, cond_shapes={}):
         # under partial loading the engine streams the blocks ComfyUI left on the CPU through two buffers of
@@ -49,7 +53,12 @@ class ZImageModel(comfy.model_base.Lumina2):
         # t is sigma here; the engine takes sigma itself, whatever timestep scaling a sampling patch sets
         sigma = t
         captions = caption_features(c_crossattn, kwargs.get("attention_mask"))
-        v = self.diffusion_model(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions)
+        references = None
+        if "ref_latents" in kwargs:  # Omni: extra_conds' lists, batched by ComfyUI
+            conds = {k: [t.to(x.device) for t in kwargs[k]] for k in ("ref_latents", "siglip_feats", "ref_contexts")}
+            captions, references = omni_inputs(captions, conds)
+        v = self.diffusion_model(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions,
+                                 references=references)
         return self.model_sampling.calculate_denoised(sigma, v.float(), x)
 
 

@@ -1,23 +1,24 @@
-"""ZImageEdit: an instruction and reference images -> Omni conditioning and a latent for ZImageSampler.
+"""ZImageEdit: an instruction and reference images -> Omni conditioning and a latent for a sampler.
 
 Z-Image-Omni-Base and Z-Image-Edit read a chat turn with the images inline: the instruction is encoded in
 chunks around the images (zimage.omni_prompt_chunks), each reference image enters the sequence as clean VAE
 latent tokens and, through the model's SigLIP embedder, as vision-encoder features. The conditioning this
-node returns carries all of it; ZImageSampler hands it to every model evaluation.
+node returns carries all of it, in the entries ComfyUI's TextEncodeZImageOmni writes (reference_images.py);
+ZImageSampler and KSampler hand it to every model evaluation.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 import comfy.model_management as mm
 
-from ..zimage import Reference, omni_prompt_chunks
-from .comfy_model import OMNI_KEY, caption_features, engine_of
-from .text_encode import encode, require_qwen3
+from ..zimage import omni_prompt_chunks
+from .comfy_model import caption_features, engine_of
+from .reference_images import siglip_grid
+from .text_encode import check_prompt, encode, require_qwen3
 
 
 def encode_chunks(clip, texts: list[str]) -> list[torch.Tensor]:
@@ -31,26 +32,16 @@ def encode_chunks(clip, texts: list[str]) -> list[torch.Tensor]:
     return chunks
 
 
-def siglip_grid(clip_vision, image: torch.Tensor) -> torch.Tensor:
-    """The vision encoder's last hidden state for one image [1, H, W, 3], as its patch grid [rows, cols, c]."""
-    tokens = clip_vision.encode_image(image, crop=False)["last_hidden_state"][0]
-    side = math.isqrt(tokens.shape[0])
-    if side * side != tokens.shape[0]:
-        raise ValueError(f"ZImageEdit: the vision encoder gave {tokens.shape[0]} tokens, not a square grid; use a "
-                         f"SigLIP vision model (CLIPVisionLoader).")
-    return tokens.reshape(side, side, -1).float().cpu()
-
-
 class ZImageEdit:
     DESCRIPTION = ("Instruction editing and reference images for Z-Image-Edit / Omni-Base: encodes the instruction "
                    "around the reference images as the Omni models read it, and returns conditioning and a latent "
-                   "of the first image's size for ZImageSampler (denoise 1 edits from noise; below 1 starts from the "
-                   "source image).")
+                   "of the first image's size for ZImageSampler or KSampler (denoise 1 edits from noise; below 1 "
+                   "starts from the source image).")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
     RETURN_NAMES = ("positive", "negative", "latent")
-    OUTPUT_TOOLTIPS = ("The instruction with the reference images, for ZImageSampler's positive input.",
-                       "The negative prompt with the same reference images, for ZImageSampler's negative input.",
+    OUTPUT_TOOLTIPS = ("The instruction with the reference images, for the sampler's positive input.",
+                       "The negative prompt with the same reference images, for the sampler's negative input.",
                        "The first reference image's latent: the size of the result, and the start for denoise < 1.")
     FUNCTION = "edit"
 
@@ -85,30 +76,40 @@ class ZImageEdit:
             raise ValueError("ZImageEdit: this is a Z-Image Turbo/Base model; editing and reference images need a "
                              "Z-Image-Edit or Z-Image-Omni-Base checkpoint in ZImageLoader. For image-to-image with "
                              "Turbo, encode the image with VAEEncode and use ZImageSampler with denoise below 1.")
+        for name, batch in (("image", image), ("image_2", image_2)):
+            if batch is not None and len(batch) == 0:
+                raise ValueError(f"ZImageEdit: the {name} input holds no reference image (an empty batch). Connect a "
+                                 f"node that gives at least one image, e.g. LoadImage.")
+        warnings = [w for w in (check_prompt(instruction, "instruction", "ZImageEdit"),
+                                check_prompt(negative_prompt, "negative prompt", "ZImageEdit")) if w]
+        for w in warnings:
+            logging.warning("ZImageEdit: " + w)
         images = [img[None] for img in image] + ([img[None] for img in image_2] if image_2 is not None else [])
-        references, encoded = [], []
+        latents, vision = [], []
         for n, img in enumerate(images, 1):
             height, width = img.shape[1:3]
             if height % 16 or width % 16 or min(height, width) < 64 or max(height, width) > 4096:
                 raise ValueError(f"ZImageEdit: reference image {n} is {width}x{height}; Z-Image needs sides that are "
                                  f"multiples of 16 pixels, from 64 to 4096. Resize or crop it first (ImageScale, "
                                  f"ImageCrop).")
-            siglip = siglip_grid(clip_vision, img)
-            if siglip.shape[-1] != transformer.cfg.siglip_feat_dim:
-                raise ValueError(f"ZImageEdit: the vision encoder's features are {siglip.shape[-1]} wide; this model's "
+            vision.append(clip_vision.encode_image(img, crop=False))
+            try:
+                features = siglip_grid(vision[-1]).shape[-1]
+            except ValueError as e:
+                raise ValueError(f"ZImageEdit: {e}") from None
+            if features != transformer.cfg.siglip_feat_dim:
+                raise ValueError(f"ZImageEdit: the vision encoder's features are {features} wide; this model's "
                                  f"SigLIP embedder reads {transformer.cfg.siglip_feat_dim}. Load the SigLIP model the "
                                  f"checkpoint was trained with.")
-            encoded.append(vae.encode(img[..., :3]))
-            latent = model.model.process_latent_in(encoded[-1].float())[0]
-            references.append(Reference(latent.cpu(), siglip))
+            latents.append(vae.encode(img[..., :3]))
 
-        n = len(references)
-        positive = encode_chunks(clip, omni_prompt_chunks(instruction, n))
-        negative = encode_chunks(clip, omni_prompt_chunks(negative_prompt, n))
+        def conditioning(text: str):
+            # the entries TextEncodeZImageOmni writes (reference_images.py): the prompt's own chunk as the context,
+            # the chunks before each image and the closing one beside it
+            chunks = [c[None] for c in encode_chunks(clip, omni_prompt_chunks(text, len(latents)))]
+            context = chunks.pop(len(latents)).to(mm.intermediate_device())
+            return [[context, {"reference_latents": latents, "clip_vision_outputs": vision,
+                               "reference_latents_text_embeds": chunks}]]
 
-        def conditioning(chunks):
-            # the concatenated chunks stand in as the plain context, so that nodes that only look see a prompt
-            context = torch.cat(chunks)[None].to(mm.intermediate_device())
-            return [[context, {OMNI_KEY: {"chunks": chunks, "references": references}}]]
-
-        return conditioning(positive), conditioning(negative), {"samples": encoded[0]}
+        return {"ui": {"text": warnings}, "result": (conditioning(instruction), conditioning(negative_prompt),
+                                                     {"samples": latents[0]})}

@@ -9,8 +9,8 @@ import latent_preview
 
 from ..zimage import PRESETS, flow_sigmas, make_noise, sample
 from .checks import require_finite
-from .comfy_model import (OMNI_KEY, caption_features, engine_of, refuse_unhonoured, unhonoured_in_forward,
-                          wrapper_name)
+from .comfy_model import caption_features, engine_of, refuse_unhonoured, unhonoured_in_forward, wrapper_name
+from .reference_images import omni_inputs, reference_conds
 
 PRESET_CHOICES = ["turbo", "base", "custom"]
 
@@ -40,16 +40,20 @@ def unhonoured_by_engine_loop(model, shift: float) -> list[str]:
     return found
 
 
-def omni_inputs(conditioning, batch: int):
-    """ZImageEdit's CONDITIONING -> (caption chunk lists, reference lists), one per latent; None for plain prompts."""
-    omni = conditioning[0][1].get(OMNI_KEY) if conditioning else None
-    if omni is None:
-        return None
-    return [omni["chunks"]] * batch, [omni["references"]] * batch
+def prompt_inputs(conditioning, batch: int, width: int, what: str, process_latent_in):
+    """CONDITIONING -> (one caption per latent, one reference list per latent or None). A caption is a [L, width]
+    tensor; with reference images (ZImageEdit, TextEncodeZImageOmni) it is the list of chunks around them."""
+    captions = conditioning_captions(conditioning, batch, width, what)
+    try:
+        conds = reference_conds(conditioning[0][1], process_latent_in)
+    except ValueError as e:
+        raise ValueError(f"ZImageSampler: the {what} conditioning's reference images: {e}") from None
+    return omni_inputs(captions, conds) if conds else (captions, None)
 
 
 def same_references(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(torch.equal(x.latent, y.latent) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x.latent, y.latent) and torch.equal(x.siglip, y.siglip)
+                                    for x, y in zip(a, b))
 
 
 def conditioning_captions(conditioning, batch: int, width: int, what: str) -> list[torch.Tensor]:
@@ -141,20 +145,18 @@ class ZImageSampler:
             raise ValueError("ZImageSampler: cfg > 0 needs the negative input (ZImageTextEncode's negative output; an "
                              "empty negative prompt is the usual choice).")
         batch, width = samples.shape[0], transformer.cfg.cap_feat_dim
-        references = None
-        omni = omni_inputs(positive, batch)
-        if omni is not None:  # ZImageEdit: instruction chunks around reference images
-            positive_caps, references = omni
-            negative_caps = None
-            if cfg > 0:
-                negative_omni = omni_inputs(negative, batch)
-                if negative_omni is None or not same_references(negative_omni[1][0], references[0]):
-                    raise ValueError("ZImageSampler: with ZImageEdit's positive output, connect ZImageEdit's negative "
-                                     "output too (it carries the same reference images).")
-                negative_caps = negative_omni[0]
-        else:
-            positive_caps = conditioning_captions(positive, batch, width, "positive")
-            negative_caps = conditioning_captions(negative, batch, width, "negative") if cfg > 0 else None
+        process_in = model.model.process_latent_in
+        positive_caps, references = prompt_inputs(positive, batch, width, "positive", process_in)
+        negative_caps = None
+        if cfg > 0:
+            negative_caps, negative_references = prompt_inputs(negative, batch, width, "negative", process_in)
+            # the engine runs both passes with one set of references, as the official pipeline does
+            if (references is None) != (negative_references is None) or (
+                    references is not None and not same_references(references[0], negative_references[0])):
+                raise ValueError("ZImageSampler: the positive and negative conditioning carry different reference "
+                                 "images. Connect ZImageEdit's negative output with its positive (or encode the "
+                                 "negative with TextEncodeZImageOmni and the same images, or ConditioningZeroOut of "
+                                 "the positive).")
         sigmas = flow_sigmas(steps, shift, denoise)
 
         # room for the activations, as ComfyUI's own samplers ask for it (one forward of 2B when guided)

@@ -36,6 +36,7 @@ TRANSFORMER_FILES = ("z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors
 TINY_OMNI = ZImageConfig.tiny(cap_feat_dim=32, siglip_feat_dim=24)
 OMNI_FILE = "z_image_edit_bf16.safetensors"
 VISION_FILE = "sigclip_vision_patch14_384.safetensors"
+NAFLEX_FILE = "siglip2_so400m_patch16_naflex.safetensors"  # written where the host has NaFlex (0.14 and later)
 
 
 def _init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -70,14 +71,15 @@ def write_text_encoder(path: Path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def write_vision_encoder(path: Path):
+def write_vision_encoder(path: Path, naflex: bool = False):
     import comfy.clip_model
     import comfy.ops
 
     sys.path.insert(0, str(VISION_SHIM.parent))
-    from zimage_tiny_vision import CONFIG
+    from zimage_tiny_vision import CONFIG, NAFLEX_CONFIG
 
-    model = comfy.clip_model.CLIPVisionModelProjection(CONFIG, torch.float32, "cpu", comfy.ops.manual_cast)
+    model = comfy.clip_model.CLIPVisionModelProjection(NAFLEX_CONFIG if naflex else CONFIG, torch.float32, "cpu",
+                                                       comfy.ops.manual_cast)
     _init_(model, seed=4)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
@@ -101,6 +103,8 @@ def build_base_directory(base: Path) -> Path:
         write_transformer(models / "diffusion_models" / name)
     write_transformer(models / "diffusion_models" / OMNI_FILE, seed=5, cfg=TINY_OMNI)
     write_vision_encoder(models / "clip_vision" / VISION_FILE)
+    if host_has_naflex():
+        write_vision_encoder(models / "clip_vision" / NAFLEX_FILE, naflex=True)
     write_text_encoder(models / "text_encoders" / "qwen_3_4b.safetensors")
     write_vae(models / "vae" / "ae.safetensors")
     custom_nodes = base / "custom_nodes"
@@ -116,6 +120,13 @@ def build_base_directory(base: Path) -> Path:
     pixels = (torch.rand(256, 320, 3, generator=g) * 255).to(torch.uint8).numpy()
     Image.fromarray(pixels).save(base / "input" / "example.png")
     return base
+
+
+def host_has_naflex() -> bool:
+    sys.path.insert(0, str(VISION_SHIM.parent))
+    from zimage_tiny_vision import has_naflex
+
+    return has_naflex()
 
 
 def import_pack(name: str = "comfyui_zimage"):

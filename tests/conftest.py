@@ -28,7 +28,17 @@ def find_comfyui() -> tuple[Path | None, str]:
 
 
 COMFYUI_PATH, COMFYUI_WHERE = find_comfyui()
-_host_results: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": [], "needs_gpu": []}
+_host_results: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": [], "needs_gpu": [],
+                                       "newer_host": []}
+NEWER_HOST = "NOT IN THIS COMFYUI VERSION:"  # the skip reason of a test of a feature the host predates
+
+
+def skip_unless_host_has(present: bool, feature: str) -> None:
+    """Skip a host test of a ComfyUI feature this host version lacks; counted apart from other skips."""
+    if not present:
+        import comfyui_version
+
+        pytest.skip(f"{NEWER_HOST} ComfyUI {comfyui_version.__version__} has no {feature}")
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +72,8 @@ def pytest_runtest_logreport(report):
         import torch
 
         gpu_skip = report.outcome == "skipped" and "gpu" in report.keywords and not torch.cuda.is_available()
-        _host_results["needs_gpu" if gpu_skip else report.outcome].append(report.nodeid)
+        newer = report.outcome == "skipped" and NEWER_HOST in str(report.longrepr)
+        _host_results["needs_gpu" if gpu_skip else "newer_host" if newer else report.outcome].append(report.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -71,7 +82,10 @@ def pytest_terminal_summary(terminalreporter):
     where = COMFYUI_WHERE if COMFYUI_PATH else f"not found ({COMFYUI_WHERE})"
     needs_gpu = len(_host_results["needs_gpu"])
     gpu_note = f" ({needs_gpu} more need a GPU: run `python -m pytest tests -m gpu` on one)" if needs_gpu else ""
-    terminalreporter.write_sep("=", f"ComfyUI host tests: {ran} ran, {skipped} skipped{gpu_note}; host {where}")
+    newer = len(_host_results["newer_host"])
+    newer_note = f", {newer} test features this host version lacks" if newer else ""
+    terminalreporter.write_sep("=", f"ComfyUI host tests: {ran} ran, {skipped} skipped{gpu_note}{newer_note}; "
+                                    f"host {where}")
     if skipped:
         terminalreporter.write_line("A skipped host test is not a pass: the nodes were not checked inside ComfyUI.")
 

@@ -86,14 +86,6 @@ def test_clear_errors_and_the_server_keeps_serving(comfy_server):
     size = error_of(comfy_server.run(edit_graph(odd)))
     assert "100x90" in size["exception_message"] and "multiples of 16" in size["exception_message"]
 
-    # a native sampler would drop the references: it is refused, not run as plain text-to-image
-    native = edit_graph()
-    native["7"] = {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["6", 0], "negative": ["6", 1],
-                                                        "latent_image": ["6", 2], "seed": 1, "steps": 2, "cfg": 1.0,
-                                                        "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-    refused = error_of(comfy_server.run(native))
-    assert "ZImageSampler" in refused["exception_message"]
-
     # the positive from ZImageEdit with a negative that carries no references
     mixed = edit_graph()
     mixed["4b"] = {"class_type": "ZImageTextEncode", "inputs": {"clip": ["2", 0], "template": "official",
@@ -102,6 +94,23 @@ def test_clear_errors_and_the_server_keeps_serving(comfy_server):
     assert "negative" in error_of(comfy_server.run(mixed))["exception_message"]
 
     assert saved_latent(comfy_server, comfy_server.run(edit_graph())).shape == (1, 16, 32, 40)
+
+
+def test_ksampler_samples_the_edit_conditioning_as_zimage_sampler_does(comfy_server):
+    """ZImageEdit's conditioning under native KSampler (euler, simple, cfg = guidance + 1, ModelSamplingAuraFlow
+    shift 3): the reference images reach every evaluation, negative pass included, and the latent is
+    ZImageSampler's. 8 steps: the simple schedule then hits the flow schedule's sigmas exactly."""
+    ours = edit_graph()
+    ours["7"]["inputs"]["steps"] = 8
+    native = edit_graph()
+    native["7"] = {"class_type": "KSampler", "inputs": {"model": ["30", 0], "positive": ["6", 0], "negative": ["6", 1],
+                                                        "latent_image": ["6", 2], "seed": 11, "steps": 8, "cfg": 4.0,
+                                                        "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    native["30"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    a = saved_latent(comfy_server, comfy_server.run(ours))
+    b = saved_latent(comfy_server, comfy_server.run(native))
+    assert a.shape == b.shape == (1, 16, 32, 40)
+    assert ((a - b).norm() / a.norm()).item() < 1e-4
 
 
 def test_instruction_chunks_tokenize_as_qwen_does(comfyui_path):
