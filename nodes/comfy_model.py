@@ -52,7 +52,8 @@ class ZImageModel(comfy.model_base.Lumina2):
         refuse_unhonoured(unhonoured_in_forward(transformer_options, control), "KSampler")
         # t is sigma here; the engine takes sigma itself, whatever timestep scaling a sampling patch sets
         sigma = t
-        captions = caption_features(c_crossattn, kwargs.get("attention_mask"))
+        # the conditioning arrives where the text encoder left it (ComfyUI's own models cast it in _apply_model)
+        captions = caption_features(c_crossattn.to(x.device), kwargs.get("attention_mask"))
         references = None
         if "ref_latents" in kwargs:  # Omni: extra_conds' lists, batched by ComfyUI
             conds = {k: [t.to(x.device) for t in kwargs[k]] for k in ("ref_latents", "siglip_feats", "ref_contexts")}

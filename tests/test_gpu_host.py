@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_host import write_transformer
+from comfy_host import build_base_directory, write_transformer
+from conftest import skip_unless_host_has
 
 pytestmark = [pytest.mark.gpu, pytest.mark.host,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device on this machine")]
@@ -55,3 +56,44 @@ def test_compiled_blocks_inside_comfyui_sample_close_to_eager_without_graphs(com
     assert compiled["graph_replays"] == 0
     error = (compiled["samples"] - full["samples"]).norm() / full["samples"].norm()
     assert error < 2e-2  # compiled kernels round bf16 differently, nothing more
+
+
+def run_executor(comfyui_path: Path, base: Path, tmp_path: Path, mode: str) -> dict:
+    out = tmp_path / f"executor-{mode}.safetensors"
+    script = Path(__file__).with_name("executor_run.py")
+    result = subprocess.run([sys.executable, str(script), str(comfyui_path), str(base), str(out), mode],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return load_file(str(out))
+
+
+def test_executor_runs_the_workflows_alike_under_each_allocator_and_dynamic_vram(comfyui_path, tmp_path):
+    """Through ComfyUI's own executor, in the three memory setups users run:
+    - classic, ComfyUI's default: PyTorch's cudaMallocAsync allocator. The fused Triton kernels cannot be captured
+      under it (an H100 run aborted), so the loader leaves CUDA graphs off and says why;
+    - classic with --disable-cuda-malloc: the native allocator, graphs captured once and replayed;
+    - 0.14's `--fast dynamic_vram`: each node runs inside a memory pool of comfy-aimdo's allocator and the text
+      encoder and VAE get dynamic patchers. The pack's model keeps the classic patcher (the engine decides where
+      its weights live: graphs when all are on the GPU, its own streaming otherwise) and its graphs are captured
+      and replayed inside that pool.
+    ZImageSampler and KSampler (ModelSamplingAuraFlow, euler, simple) sample the same latents bit for bit in all
+    three."""
+    import comfy.cli_args
+
+    skip_unless_host_has(hasattr(comfy.cli_args.PerformanceFeature, "DynamicVRAM"), "dynamic VRAM")
+    base = build_base_directory(tmp_path / "base")
+    runs = {mode: run_executor(comfyui_path, base, tmp_path, mode)
+            for mode in ("classic", "classic-native-allocator", "dynamic_vram")}
+    assert int(runs["classic"]["async_allocator"]) == 1  # what ComfyUI picks on this GPU, unless told otherwise
+    assert int(runs["classic-native-allocator"]["async_allocator"]) == 0
+    dynamic = runs["dynamic_vram"]
+    assert int(dynamic["dynamic"]) == 1 and int(dynamic["async_allocator"]) == 0
+    assert int(dynamic["text_encoder_patcher_is_dynamic"]) == 1 and int(dynamic["engine_patcher_is_dynamic"]) == 0
+    for sampler in ("zimage", "ksampler"):
+        assert int(runs["classic"][f"{sampler}_replays"]) == 0, sampler
+        assert int(runs["classic-native-allocator"][f"{sampler}_replays"]) == 7, sampler
+        assert int(dynamic[f"{sampler}_replays"]) == 7, sampler
+        reference = runs["classic-native-allocator"][f"{sampler}_samples"]
+        assert torch.isfinite(reference).all()
+        for mode, run in runs.items():
+            assert torch.equal(run[f"{sampler}_samples"], reference), (sampler, mode)

@@ -36,6 +36,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import skip_unless_host_has
 from helpers import randomize_, rel_err
 from zimage import S3DiT, ZImageConfig, flow_sigmas, make_noise, sample
 
@@ -778,8 +779,8 @@ def test_fp8_patched_weight_read_through_the_patcher_leaves_the_model_alone(comf
     they are. ComfyUI 0.8's patcher has no such call, so there is nothing to check there."""
     from comfy.model_patcher import ModelPatcher
 
-    if "return_weight" not in inspect.signature(ModelPatcher.patch_weight_to_device).parameters:
-        pytest.skip("this ComfyUI (before 0.14) never asks a weight hook for the weight back")
+    skip_unless_host_has("return_weight" in inspect.signature(ModelPatcher.patch_weight_to_device).parameters,
+                         "patch_weight_to_device(return_weight=True), the call that asks a weight hook for the weight")
     fp8 = fp8_model(comfy)
     lora = loras["comfyui"]
     patched = load_ours(comfy, fp8.patcher, lora.name, 1.0, caplog)

@@ -17,6 +17,17 @@ from typing import Callable
 import torch
 
 
+def capture_blocker() -> str | None:
+    """Why this process cannot capture the forward, or None. Under PyTorch's cudaMallocAsync allocator (ComfyUI's
+    default on NVIDIA GPUs) a capture hands the kernels stream-ordered memory that Triton's launcher cannot
+    resolve, so the fused kernels refuse it mid-capture, and the broken capture leaves allocations that abort
+    the process at exit (seen on an H100 inside ComfyUI 0.14's executor, tests/test_gpu_host.py)."""
+    if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        return ("PyTorch runs its cudaMallocAsync allocator (ComfyUI's default on NVIDIA GPUs), under which the "
+                "fused Triton kernels cannot be captured; start ComfyUI with --disable-cuda-malloc to use them")
+    return None
+
+
 class CapturedForward:
     """One shape's graph with its static inputs and output."""
 

@@ -13,6 +13,7 @@ Euler step is x_next = x + (sigma_next - sigma) * v, and sigma = 1 is pure noise
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from .attention import Attention
 from .config import ZImageConfig
 from .fp8 import use_fp8_linears
 from .omni import OmniLayout, Reference, build_layout, check_references, flatten_siglip, pad_tokens, round_up
-from .cuda_graphs import GraphedForward
+from .cuda_graphs import GraphedForward, capture_blocker
 from .fused import add_gated_norm, check_triton, norm_modulate, qk_norm_rope, swiglu
 from .streaming import WeightStreamer
 from .rope import inverse_frequencies, rope_angles
@@ -232,7 +233,12 @@ class S3DiT(nn.Module):
         forward runs as usual. (Not over compiled blocks: they are no faster than the fused eager blocks, so
         there is nothing to combine for; an early test that once found replays over them differing from a
         separately compiled model was not reproduced, bench/results/NOTES.md.) release_buffers() frees their
-        memory (sample() does when it ends)."""
+        memory (sample() does when it ends). Not under an allocator that cannot capture them (capture_blocker):
+        then it says so, once, and the forward runs as usual."""
+        blocker = capture_blocker()
+        if blocker is not None:
+            logging.warning(f"Z-Image: CUDA graphs are off: {blocker}.")
+            return
         self._graphs = GraphedForward()
 
     def release_buffers(self) -> None:

@@ -1,0 +1,127 @@
+"""Run by test_gpu_host.py, in a process of its own because ComfyUI reads its flags when it is imported: the Turbo
+workflow (ZImageSampler) and the official template's sampling (ModelSamplingAuraFlow + KSampler) through ComfyUI's
+own executor, execution.PromptExecutor, as its prompt worker runs them, with or without `--fast dynamic_vram`
+(ComfyUI 0.14 and later). Under dynamic VRAM the executor runs every node inside a memory pool of its own
+allocator, which is where the engine's CUDA graphs and streaming buffers are made.
+
+    python tests/executor_run.py COMFYUI BASE_DIR OUT.safetensors classic|classic-native-allocator|dynamic_vram [--cpu]
+
+BASE_DIR is a base directory from comfy_host.build_base_directory. Saves both latents, how many evaluations were
+CUDA-graph replays, whether dynamic VRAM was on, and which patcher classes the models got.
+"""
+
+import os
+import sys
+import uuid
+
+comfyui, base, out = (os.path.abspath(p) for p in sys.argv[1:4])
+mode = sys.argv[4]
+tests = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [comfyui, tests, os.path.dirname(tests), os.path.join(tests, "comfy_shim")]
+os.chdir(comfyui)
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = "--cpu" in sys.argv[5:]  # a CPU run checks this script's own steps, nothing more
+if mode == "dynamic_vram":
+    comfy.cli_args.args.fast = {comfy.cli_args.PerformanceFeature.DynamicVRAM}
+# ComfyUI's default on NVIDIA GPUs is PyTorch's cudaMallocAsync allocator; --disable-cuda-malloc keeps the native one
+comfy.cli_args.args.disable_cuda_malloc = mode == "classic-native-allocator"
+import cuda_malloc  # noqa: E402,F401  (as main.py: the allocator settings, read when torch is imported)
+import torch  # noqa: E402
+
+import comfy.memory_management  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import execution  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+dynamic = False
+if mode == "dynamic_vram":
+    # what main.py does when the flag is given and comfy-aimdo can drive the device
+    import comfy_aimdo.control
+    import comfy_aimdo.torch
+
+    if comfy_aimdo.control.init_device(comfy.model_management.get_torch_device().index):
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_allocator = comfy_aimdo.torch.get_torch_allocator()
+        dynamic = comfy.memory_management.aimdo_allocator is not None
+    if not dynamic:
+        raise SystemExit("comfy-aimdo could not drive this GPU: dynamic VRAM is off")
+
+import zimage_tiny_text_encoder  # noqa: E402,F401  (the test shims install themselves on import)
+import zimage_tiny_vision  # noqa: E402,F401
+from comfy_host import import_pack, load_workflow, shrink  # noqa: E402
+
+import comfy_extras.nodes_model_advanced  # noqa: E402  (ModelSamplingAuraFlow; main.py loads comfy_extras)
+
+pack = import_pack()
+nodes.NODE_CLASS_MAPPINGS.update(pack.NODE_CLASS_MAPPINGS)
+nodes.NODE_CLASS_MAPPINGS.update(comfy_extras.nodes_model_advanced.NODE_CLASS_MAPPINGS)
+for folder in ("diffusion_models", "text_encoders", "vae"):
+    folder_paths.add_model_folder_path(folder, os.path.join(base, "models", folder))
+folder_paths.set_output_directory(os.path.join(base, "output"))
+
+from comfyui_zimage.zimage.cuda_graphs import CapturedForward  # noqa: E402
+
+replays = []
+replay = CapturedForward.replay
+CapturedForward.replay = lambda graph, inputs: replays.append(1) or replay(graph, inputs)
+
+patchers = {}
+load = comfy.model_management.load_models_gpu
+
+
+def load_models_gpu(models, *args, **kwargs):
+    for m in models:
+        patchers[type(m.model).__name__] = type(m).__name__
+    return load(models, *args, **kwargs)
+
+
+comfy.model_management.load_models_gpu = load_models_gpu
+
+
+class Server:
+    """What the executor asks of ComfyUI's server when nobody is connected."""
+
+    client_id = None
+    last_node_id = None
+    sockets_metadata = {}
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+    def queue_updated(self, *args, **kwargs):
+        pass
+
+
+RUN = f"{mode}_{uuid.uuid4().hex[:8]}"  # this run's file names in the shared output folder
+turbo = shrink(load_workflow("zimage_turbo_t2i.api.json"))
+turbo["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"{RUN}_zimage"}}
+template = shrink(load_workflow("zimage_turbo_t2i.api.json"))
+template["6"] = {"class_type": "KSampler", "inputs": {
+    "model": ["30", 0], "positive": ["4", 0], "negative": ["4", 1], "latent_image": ["5", 0], "seed": 5, "steps": 8,
+    "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+template["30"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 3.0}}
+template["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"{RUN}_ksampler"}}
+
+executor = execution.PromptExecutor(Server(), cache_type=False, cache_args={"lru": 0, "ram": 0})
+results = {}
+for name, prompt in (("zimage", turbo), ("ksampler", template)):
+    replays.clear()
+    outputs = [node for node, spec in prompt.items() if spec["class_type"] in ("SaveImage", "SaveLatent")]
+    executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
+    if not executor.success:
+        raise SystemExit(f"{name}: {executor.status_messages[-1]}")
+    (latent,) = [f for f in os.listdir(os.path.join(base, "output")) if f.startswith(f"{RUN}_{name}")]
+    results[f"{name}_samples"] = load_file(os.path.join(base, "output", latent))["latent_tensor"]
+    results[f"{name}_replays"] = torch.tensor(len(replays))
+
+save_file({**results, "dynamic": torch.tensor(int(dynamic)),
+           "async_allocator": torch.tensor(int(torch.cuda.get_allocator_backend() == "cudaMallocAsync")),
+           "engine_patcher_is_dynamic": torch.tensor(int(patchers.get("ZImageModel") == "ModelPatcherDynamic")),
+           "text_encoder_patcher_is_dynamic": torch.tensor(
+               int(any(v == "ModelPatcherDynamic" for k, v in patchers.items() if k != "ZImageModel")))}, out)
+print("patchers:", patchers)
