@@ -80,7 +80,9 @@ class ZImageLoader:
             "cuda_graphs": ("BOOLEAN", {"default": True, "tooltip":
                             "Replay each sampling step as one CUDA graph (the same kernels, the same result) when "
                             "the whole model is on the GPU and compile is off: less launch overhead, most at small "
-                            "sizes. Its memory is freed after sampling. Off: launch kernel by kernel."}),
+                            "sizes. Its memory is freed after sampling. Needs ComfyUI started with "
+                            "--disable-cuda-malloc: under its default cudaMallocAsync allocator the fused kernels "
+                            "cannot be captured, and graphs stay off with a warning. Off: launch kernel by kernel."}),
         }}
 
     def load(self, model_name, weight_dtype, attention, compile=False, cuda_graphs=True):

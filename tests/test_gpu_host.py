@@ -23,18 +23,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.host,
 MODEL_FILE = "z_image_turbo_bf16.safetensors"
 
 
+def run_script(name: str, comfyui_path: Path, folder: Path, out: Path, mode: str) -> dict:
+    """tests/<name> in a process of its own (ComfyUI reads its flags when it is imported); what it saved."""
+    script = Path(__file__).with_name(name)
+    result = subprocess.run([sys.executable, str(script), str(comfyui_path), str(folder), str(out), mode],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return load_file(str(out))
+
+
 def sample_in_comfyui(comfyui_path: Path, tmp_path: Path, mode: str) -> dict:
-    """offload_run.py on the tiny transformer (written once per test) in a process of its own."""
+    """offload_run.py on the tiny transformer (written once per test)."""
     models = tmp_path / "diffusion_models"
     if not models.exists():
         models.mkdir()
         write_transformer(models / MODEL_FILE)
-    out = tmp_path / f"{mode}.safetensors"
-    script = Path(__file__).with_name("offload_run.py")
-    result = subprocess.run([sys.executable, str(script), str(comfyui_path), str(models), str(out), mode],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return load_file(str(out))
+    return run_script("offload_run.py", comfyui_path, models, tmp_path / f"{mode}.safetensors", mode)
 
 
 def test_novram_streaming_samples_what_the_fully_loaded_model_samples(comfyui_path, tmp_path):
@@ -58,15 +62,6 @@ def test_compiled_blocks_inside_comfyui_sample_close_to_eager_without_graphs(com
     assert error < 2e-2  # compiled kernels round bf16 differently, nothing more
 
 
-def run_executor(comfyui_path: Path, base: Path, tmp_path: Path, mode: str) -> dict:
-    out = tmp_path / f"executor-{mode}.safetensors"
-    script = Path(__file__).with_name("executor_run.py")
-    result = subprocess.run([sys.executable, str(script), str(comfyui_path), str(base), str(out), mode],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return load_file(str(out))
-
-
 def test_executor_runs_the_workflows_alike_under_each_allocator_and_dynamic_vram(comfyui_path, tmp_path):
     """Through ComfyUI's own executor, in the three memory setups users run:
     - classic, ComfyUI's default: PyTorch's cudaMallocAsync allocator. The fused Triton kernels cannot be captured
@@ -82,7 +77,7 @@ def test_executor_runs_the_workflows_alike_under_each_allocator_and_dynamic_vram
 
     skip_unless_host_has(hasattr(comfy.cli_args.PerformanceFeature, "DynamicVRAM"), "dynamic VRAM")
     base = build_base_directory(tmp_path / "base")
-    runs = {mode: run_executor(comfyui_path, base, tmp_path, mode)
+    runs = {mode: run_script("executor_run.py", comfyui_path, base, tmp_path / f"{mode}.safetensors", mode)
             for mode in ("classic", "classic-native-allocator", "dynamic_vram")}
     assert int(runs["classic"]["async_allocator"]) == 1  # what ComfyUI picks on this GPU, unless told otherwise
     assert int(runs["classic-native-allocator"]["async_allocator"]) == 0
