@@ -19,16 +19,16 @@ import comfy.patcher_extension
 import comfy.ops
 import comfy.supported_models
 
-from ..zimage import S3DiT
-from ..zimage.fp8 import E4M3, E4M3_MAX, Fp8Linear
-from ..zimage.model import RMSNorm
+from ..zimage import E4M3, E4M3_MAX, Fp8Linear, Ops, RMSNorm, Runner, S3DiT
 from .reference_images import REFERENCE_KEYS, omni_inputs, reference_conds
 
 
 class ZImageModel(comfy.model_base.Lumina2):
-    def __init__(self, model_config, transformer: S3DiT, device=None):
+    def __init__(self, model_config, runner: Runner, device=None):
         super().__init__(model_config, device=device)  # unet_config disables ComfyUI's own NextDiT
-        self.diffusion_model = transformer
+        # the network is the diffusion model ComfyUI manages (loads, offloads, patches); the runner runs it
+        self.diffusion_model = runner.model
+        self.runner = runner
 
     def extra_conds(self, **kwargs):
         # reference images (TextEncodeZImageOmni, ZImageEdit) are read here on every ComfyUI version, not by
@@ -58,8 +58,7 @@ class ZImageModel(comfy.model_base.Lumina2):
         if "ref_latents" in kwargs:  # Omni: extra_conds' lists, batched by ComfyUI
             conds = {k: [t.to(x.device) for t in kwargs[k]] for k in ("ref_latents", "siglip_feats", "ref_contexts")}
             captions, references = omni_inputs(captions, conds)
-        v = self.diffusion_model(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions,
-                                 references=references)
+        v = self.runner(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions, references=references)
         return self.model_sampling.calculate_denoised(sigma, v.float(), x)
 
 
@@ -140,49 +139,44 @@ class ComfyRMSNorm(RMSNorm, comfy.ops.CastWeightBiasOp):
         return self.weight
 
 
-def _adopt_comfy_ops(module: torch.nn.Module, ops) -> None:
-    """Swap each Linear for ComfyUI's castable equivalent and each RMSNorm for ComfyRMSNorm, sharing the same
-    parameters, so that lowvram partial loading and fp8 storage (cast per layer at use) work as they do for
-    native models."""
-    for name, child in list(module.named_children()):
-        if type(child) is torch.nn.Linear:
-            new = ops.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-            new.weight, new.bias = child.weight, child.bias
-        elif type(child) is Fp8Linear:
-            new = ComfyFp8Linear(child.weight.data, child.weight_scale.data)
-        elif type(child) is RMSNorm:
-            with torch.device("meta"):
-                new = ComfyRMSNorm(child.weight.shape[0], eps=child.eps)
-            new.weight = child.weight
-        else:
-            _adopt_comfy_ops(child, ops)
-            continue
-        setattr(module, name, new)
+def _manual_cast(storage_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> torch.dtype | None:
+    """ComfyUI's name for weights stored in one dtype and computed in another: the dtype they are cast to."""
+    return compute_dtype if storage_dtype is not None and storage_dtype != compute_dtype else None
 
 
-def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
-    """Hand a loaded S3DiT (on the offload device, in its compute dtype) to ComfyUI's model management.
+def comfy_ops(storage_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> Ops:
+    """The layer classes a transformer is built with to be managed by ComfyUI: its own castable Linear (cast at
+    each use when lowvram partial loading leaves a weight in host memory, or when the weights are stored in
+    storage_dtype and computed in compute_dtype), ComfyRMSNorm and ComfyFp8Linear."""
+    ops = comfy.ops.pick_operations(storage_dtype or compute_dtype, _manual_cast(storage_dtype, compute_dtype))
+    return Ops(Linear=ops.Linear, RMSNorm=ComfyRMSNorm, Fp8Linear=ComfyFp8Linear)
 
-    storage_dtype float8_e4m3fn keeps the blocks' matrices in fp8 and casts each to the compute dtype as it
-    is used (ComfyUI's manual cast), halving their memory.
-    """
+
+def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None, cuda_graphs: bool = False,
+                compile: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """Hand a loaded S3DiT to ComfyUI's model management: built with comfy_ops(storage_dtype, its compute dtype),
+    on the offload device, in its compute dtype. storage_dtype float8_e4m3fn then keeps the blocks' matrices in
+    fp8, each cast to the compute dtype as it is used (ComfyUI's manual cast), halving their memory.
+    cuda_graphs, compile: how its forwards run (zimage.Runner)."""
     cfg = transformer.cfg
     compute_dtype = transformer.dtype
-    manual_cast = None
-    if storage_dtype is not None and storage_dtype != compute_dtype:
-        manual_cast = compute_dtype
-        for name, module in transformer.named_modules():
-            if type(module) is torch.nn.Linear and name.split(".")[0] in ("layers", "noise_refiner", "context_refiner"):
-                module.weight = torch.nn.Parameter(module.weight.data.to(storage_dtype), requires_grad=False)
-    ops = comfy.ops.pick_operations(storage_dtype or compute_dtype, manual_cast)
-    _adopt_comfy_ops(transformer, ops)
+    if transformer.ops != comfy_ops(storage_dtype, compute_dtype):
+        raise ValueError("the transformer must be built with comfy_ops(storage_dtype, compute_dtype): ComfyUI casts, "
+                         "offloads and patches its layers")
+    manual_cast = _manual_cast(storage_dtype, compute_dtype)
+    if manual_cast is not None:
+        for stack in transformer.block_stacks():
+            for module in stack.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight = torch.nn.Parameter(module.weight.data.to(storage_dtype), requires_grad=False)
 
     unet_config = {"image_model": "lumina2", "disable_unet_model_creation": True, "dim": cfg.dim,
                    "n_layers": cfg.n_layers, "n_refiner_layers": cfg.n_refiner_layers, "n_heads": cfg.n_heads,
                    "cap_feat_dim": cfg.cap_feat_dim}
     model_config = comfy.supported_models.ZImage(unet_config)
     model_config.set_inference_dtype(storage_dtype or compute_dtype, manual_cast)
-    model = ZImageModel(model_config, transformer, device=mm.unet_offload_device())
+    model = ZImageModel(model_config, Runner(transformer, cuda_graphs=cuda_graphs, compile=compile),
+                        device=mm.unet_offload_device())
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     # ComfyUI's own samplers end with cleanup(): free the CUDA graphs and streaming buffers there, as
@@ -192,14 +186,14 @@ def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None) ->
 
 
 def release_buffers(patcher) -> None:
-    patcher.model.diffusion_model.release_buffers()
+    patcher.model.runner.release_buffers()
 
 
-def engine_of(model_patcher) -> S3DiT:
-    """The S3DiT inside a MODEL from ZImageLoader, or a clear error for any other MODEL."""
+def engine_of(model_patcher) -> Runner:
+    """The engine that runs a MODEL from ZImageLoader (its network is .model), or a clear error for any other."""
     inner = getattr(model_patcher, "model", None)
     if not isinstance(inner, ZImageModel):
         raise ValueError(f"this node needs a Z-Image model from the ZImageLoader node, got "
                          f"{type(inner).__name__ if inner is not None else type(model_patcher).__name__}. "
                          f"For other models use ComfyUI's KSampler.")
-    return inner.diffusion_model
+    return inner.runner

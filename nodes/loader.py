@@ -10,10 +10,8 @@ import torch
 import comfy.model_management as mm
 import folder_paths
 
-from ..zimage import CheckpointError, inspect_checkpoint, load_transformer
-from ..zimage.attention import BACKENDS
-from ..zimage.fp8 import scaled_mm_supported
-from .comfy_model import comfy_model
+from ..zimage import ATTENTION_BACKENDS, CheckpointError, inspect_checkpoint, load_transformer, scaled_mm_supported
+from .comfy_model import comfy_model, comfy_ops
 
 WEIGHT_DTYPES = ["default", "bf16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast"]
 
@@ -70,7 +68,7 @@ class ZImageLoader:
                              "fp8_e4m3fn_fast: fp8 matrix multiplies too (per-row weight scales, activations "
                              "per token) on Ada/Hopper GPUs: about 1.4x faster than bf16 on an H100. The result "
                              "moves a little."}),
-            "attention": (list(BACKENDS), {"default": "auto", "tooltip":
+            "attention": (list(ATTENTION_BACKENDS), {"default": "auto", "tooltip":
                           "Attention kernel, chosen once at load. auto prefers cuDNN, then flash, then the others."}),
         }, "optional": {  # optional, so that workflows saved before this option still load
             "compile": ("BOOLEAN", {"default": False, "tooltip":
@@ -110,13 +108,10 @@ class ZImageLoader:
                 compute = torch.bfloat16
         try:
             transformer = load_transformer(path, device=mm.unet_offload_device(), dtype=compute, attention=attention,
-                                           fp8_matmuls=fp8_matmuls, cuda_graphs=cuda_graphs)
+                                           fp8_matmuls=fp8_matmuls, ops=comfy_ops(storage, compute))
         except CheckpointError as e:
             raise ValueError(f"ZImageLoader: {e}") from None
         logging.info(f"Z-Image: loaded {model_name} ({info.format} format, {info.variant}, stored {info.stored_dtype}) "
                      f"computing in {compute}" + (f", stored as {storage}" if storage else "")
                      + (", fp8 matmuls" if fp8_matmuls else ""))
-        model = comfy_model(transformer, storage)
-        if compile:
-            transformer.compile_blocks()  # after ComfyUI's ops are in place, so the graphs include its casts
-        return (model,)
+        return (comfy_model(transformer, storage, cuda_graphs=cuda_graphs, compile=compile),)

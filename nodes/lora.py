@@ -1,8 +1,8 @@
 """ZImageLoraLoader: LoRAs in every naming Z-Image trainers write, every key applied or a clear error.
 
-ComfyUI's own key map for Z-Image covers its native names and diffusers/PEFT names (to_q, to_k, to_v land
-on slices of the fused qkv). Kohya-style names (Musubi Tuner: lora_unet_layers_0_attention_to_q) are added
-here from the same diffusers table. Patches go through ComfyUI's ModelPatcher, which merges them into the
+ComfyUI's own key map covers the native names. The diffusers names (to_q, to_k, to_v land on slices of the fused
+qkv), under every prefix trainers write and in kohya style (Musubi Tuner: lora_unet_layers_0_attention_to_q),
+come from the engine's one table of names (zimage.source_keys), which also loads the diffusers files. Patches go through ComfyUI's ModelPatcher, which merges them into the
 weights once when the model is loaded, not at every step. ComfyUI skips a key that matches no weight, or a
 patch it cannot compute, with a log line; here either is an error naming it (_MissedKeys, _misfits).
 """
@@ -23,7 +23,7 @@ import folder_paths
 
 from .checks import require_finite
 from .comfy_model import engine_of
-from ..zimage import CheckpointError, read_safetensors_header
+from ..zimage import CheckpointError, read_safetensors_header, source_keys
 
 PEFT_PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.")
 
@@ -31,20 +31,19 @@ PEFT_PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.")
 def zimage_lora_key_map(model_patcher) -> dict:
     """LoRA module name -> weight key (or (key, (dim, offset, size)) slice), for every naming we accept."""
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
-    cfg = engine_of(model_patcher).cfg
-    diffusers = comfy.utils.z_image_to_diffusers(
-        {"n_layers": cfg.n_layers, "dim": cfg.dim, "n_refiner_layers": cfg.n_refiner_layers},
-        output_prefix="diffusion_model.")
-    state = model_patcher.model.state_dict()
-    for name, target in diffusers.items():
-        key = target[0] if isinstance(target, tuple) else target
-        if not name.endswith(".weight") or key not in state:
+    engine_of(model_patcher)
+    for name, weight in model_patcher.model.diffusion_model.named_parameters():
+        if not name.endswith(".weight"):
             continue
-        module = name[: -len(".weight")]
-        key_map["lora_unet_" + module.replace(".", "_")] = target
-        key_map["lora_transformer_" + module.replace(".", "_")] = target
-        for prefix in PEFT_PREFIXES:
-            key_map[prefix + module] = target
+        key = "diffusion_model." + name
+        for source, part, parts in source_keys(name):
+            rows = weight.shape[0] // parts
+            target = key if parts == 1 else (key, (0, part * rows, rows))
+            module = source[: -len(".weight")]
+            key_map["lora_unet_" + module.replace(".", "_")] = target
+            key_map["lora_transformer_" + module.replace(".", "_")] = target
+            for prefix in PEFT_PREFIXES:
+                key_map[prefix + module] = target
     return key_map
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import re
 
+from ..zimage import CHAT_TEMPLATE
+
 MAX_TOKENS = 512  # the official pipelines truncate the templated prompt here
 
 TEMPLATES = {
-    # what diffusers builds with Qwen3's chat template (add_generation_prompt, enable_thinking=True) and
-    # what ComfyUI writes by hand: no think block
-    "official": "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+    "official": CHAT_TEMPLATE,  # the released pipelines' (zimage/prompt.py)
     # the variant some packs use; an explicit choice, never the default
-    "empty think block": "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    "empty think block": CHAT_TEMPLATE + "<think>\n\n</think>\n\n",
 }
 
 

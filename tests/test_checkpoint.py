@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from helpers import (comfy_header_spec, diffusers_omni_velocity, diffusers_reference, diffusers_to_comfy,
                      diffusers_velocity, rel_err, save_comfy_file, save_diffusers_folder, save_fp8_file,
                      write_safetensors_by_hand)
-import zimage.checkpoint
+import zimage.files
 from zimage import (CheckpointError, Reference, S3DiT, ZImageConfig, convert_state_dict, inspect_checkpoint,
                     load_transformer, read_safetensors_header)
 
@@ -809,7 +809,7 @@ def test_index_pointing_outside_the_folder_is_refused_unread(tiny, tmp_path, mon
         opened.append(os.path.realpath(file))
         return real_safe_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(zimage.checkpoint, "open", spy_open, raising=False)  # the module's open, not builtins'
+    monkeypatch.setattr(zimage.files, "open", spy_open, raising=False)  # the module's open, not builtins'
     monkeypatch.setattr(safetensors, "safe_open", spy_safe_open)
     with pytest.raises(CheckpointError) as refused:
         load_transformer(folder, dtype=torch.float32)

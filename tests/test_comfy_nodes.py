@@ -193,3 +193,24 @@ def test_fp8_weight_dtypes_sample_close_to_full_precision(comfy_server, weight_d
     fp8 = _saved_latent(comfy_server, comfy_server.run(graph))
     err = ((fp8 - full).norm() / full.norm()).item()
     assert 1e-4 < err < 0.25, err
+
+
+def test_fp8_storage_covers_every_block_stack_of_an_omni_model(zimage_pack):
+    """fp8_e4m3fn storage keeps every block's matrices in e4m3, the SigLIP refiner's of an Omni/Edit model too
+    (a second, shorter list of stacks once left them in full precision)."""
+    import importlib
+
+    from helpers import randomize_
+    from zimage import ZImageConfig
+
+    pack = zimage_pack.__name__
+    comfy_model = importlib.import_module(f"{pack}.nodes.comfy_model")
+    S3DiT = importlib.import_module(f"{pack}.zimage").S3DiT
+    network = S3DiT(ZImageConfig.tiny(siglip_feat_dim=24), ops=comfy_model.comfy_ops(torch.float8_e4m3fn, torch.float32))
+    model = comfy_model.comfy_model(randomize_(network, 0), torch.float8_e4m3fn)
+    transformer = model.model.diffusion_model
+    for name, stack in zip(transformer.cfg.block_stacks, transformer.block_stacks()):
+        for module_name, module in stack.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                assert module.weight.dtype == torch.float8_e4m3fn, f"{name}.{module_name}"
+    assert transformer.x_embedder.weight.dtype == torch.float32  # outside the blocks: the compute dtype

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import randomize_, rel_err
-from zimage import S3DiT, ZImageConfig, load_transformer
-from zimage.fp8 import E4M3, Fp8Linear, quantize_rows
+from zimage import Runner, S3DiT, ZImageConfig, load_transformer
+from zimage.fp8 import E4M3, Fp8Linear, quantize_rows, use_fp8_matmuls
 
 CFG = ZImageConfig.tiny()
 
@@ -52,7 +52,7 @@ def test_fp8_model_converts_only_the_block_matrices_and_stays_close():
     model = randomize_(S3DiT(CFG), seed=2).eval()
     reference = S3DiT(CFG).eval()
     reference.load_state_dict(model.state_dict())
-    model.use_fp8_matmuls()
+    use_fp8_matmuls(model)
     for name, module in model.named_modules():
         if name.startswith(("layers.", "noise_refiner.", "context_refiner.")) and name.endswith(
                 ("attention.qkv", "attention.out", "w1", "w2", "w3")):
@@ -80,11 +80,11 @@ def test_load_transformer_chooses_fp8_matmuls_at_load(tmp_path):
 
 
 def test_compiled_blocks_compute_the_eager_function():
-    """compile_blocks changes the kernels, not the function: same velocity on the CPU (inductor's C++ backend)."""
-    model = randomize_(S3DiT(CFG), seed=7).eval()
-    eager = S3DiT(CFG).eval()
-    eager.load_state_dict(model.state_dict())
-    model.compile_blocks()
+    """Compiled blocks change the kernels, not the function: same velocity on the CPU (inductor's C++ backend)."""
+    eager = randomize_(S3DiT(CFG), seed=7).eval()
+    network = S3DiT(CFG).eval()
+    network.load_state_dict(eager.state_dict())
+    model = Runner(network, compile=True)
     g = torch.Generator().manual_seed(8)
     latents = torch.randn(2, 16, 8, 12, generator=g)
     captions = [torch.randn(n, CFG.cap_feat_dim, generator=g) for n in (9, 40)]
@@ -94,17 +94,29 @@ def test_compiled_blocks_compute_the_eager_function():
 
 
 def test_cuda_graphs_leave_cpu_forwards_and_sampling_as_they_were():
-    """use_cuda_graphs only changes CUDA forwards (tests/test_gpu.py captures, replays and releases them): on
-    the CPU every forward and every sampling run gives what the model without it gives, and nothing is captured."""
+    """CUDA graphs only change CUDA forwards (tests/test_gpu.py captures, replays and releases them): on the CPU
+    every forward and every sampling run gives what the model without them gives, and nothing is captured."""
     from zimage import flow_sigmas, make_noise, sample
 
     model = randomize_(S3DiT(CFG), seed=9).eval()
-    graphed = S3DiT(CFG).eval()
-    graphed.load_state_dict(model.state_dict())
-    graphed.use_cuda_graphs()
+    network = S3DiT(CFG).eval()
+    network.load_state_dict(model.state_dict())
+    graphed = Runner(network, cuda_graphs=True)
     captions = [torch.randn(12, CFG.cap_feat_dim, generator=torch.Generator().manual_seed(10))]
     noise = make_noise(3, (1, 16, 8, 8))
     with torch.no_grad():
         assert torch.equal(graphed(noise, torch.tensor([0.5]), captions), model(noise, torch.tensor([0.5]), captions))
     assert torch.equal(sample(graphed, noise, flow_sigmas(3, 3.0), captions), sample(model, noise, flow_sigmas(3, 3.0), captions))
-    assert not graphed._graphs.graphs
+    assert not graphed.graphs.graphs
+
+
+@pytest.mark.parametrize("cfg", [CFG, ZImageConfig.tiny(siglip_feat_dim=24)], ids=["turbo", "omni"])
+def test_the_block_stacks_are_the_configs_one_list(cfg):
+    """FP8, compile, streaming, loading and the hosts' weight handling all go through S3DiT.block_stacks(), which
+    follows cfg.block_stacks: every ModuleList of blocks the network has is in it, at the configured depth."""
+    model = S3DiT(cfg)
+    stacks = model.block_stacks()
+    assert [len(s) for s in stacks] == list(cfg.block_stacks.values())
+    assert {id(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList)} == {id(s) for s in stacks}
+    use_fp8_matmuls(model)
+    assert all(isinstance(m.attention.qkv, Fp8Linear) for s in stacks for m in s)

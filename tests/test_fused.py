@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zimage import fused
-from zimage.model import RMSNorm
+from zimage import fused, kernels
+from zimage.blocks import RMSNorm
 from zimage.rope import inverse_frequencies, rope_angles
 
 
@@ -97,8 +97,8 @@ def test_plain_pytorch_path_computes_the_formulas():
 def test_triton_kernels_compute_the_formulas_under_the_interpreter():
     """The kernels themselves, run by Triton's interpreter on CPU tensors: the CPU machines (CI) check them."""
     pytest.importorskip("triton", reason="Triton is not installed with this PyTorch (it comes with Linux builds)")
-    script = ("import json, torch, test_fused; from zimage import fused; "
-              "assert fused.INTERPRETED and fused.triton_runs(torch.zeros(1)); "
+    script = ("import json, torch, test_fused; from zimage import kernels; "
+              "assert kernels.INTERPRETED and kernels.triton_runs(torch.zeros(1)); "
               "print(json.dumps(test_fused.relative_errors('cpu', torch.float32)))")
     here = Path(__file__).parent
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
@@ -114,7 +114,7 @@ def test_triton_kernels_compute_the_formulas_under_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device on this machine")
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
 def test_triton_kernels_compute_the_formulas_on_cuda(dtype, tolerance):
-    fused.check_triton(torch.device("cuda"), torch.bfloat16)
-    assert fused.TRITON_WORKS, "Triton cannot run its kernels on this machine"
+    kernels.check_kernels(torch.device("cuda"), torch.bfloat16)
+    assert kernels.TRITON_WORKS, "Triton cannot run its kernels on this machine"
     errors = relative_errors("cuda", dtype)
     assert max(errors.values()) < tolerance, errors

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import randomize_, rel_err
-from zimage import S3DiT, ZImageConfig, flow_sigmas, make_noise, sample
+from zimage import Runner, S3DiT, ZImageConfig, flow_sigmas, make_noise, sample
+from zimage.fp8 import use_fp8_matmuls
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device on this machine")]
@@ -22,6 +23,7 @@ def cpu_model():
 
 
 def on_cuda(model, dtype, attention):
+    """A copy of model's network on CUDA; a Runner runs it as the engine runs forwards."""
     gpu = S3DiT(CFG, attention=attention).to("cuda", dtype).eval()
     gpu.load_state_dict(model.state_dict())
     return gpu
@@ -35,7 +37,7 @@ def test_bf16_cuda_matches_float32_cpu(cpu_model, attention):
     sigma = torch.tensor([0.9, 0.3])
     with torch.no_grad():
         expected = cpu_model(latents, sigma, captions)
-        model = on_cuda(cpu_model, torch.bfloat16, attention)
+        model = Runner(on_cuda(cpu_model, torch.bfloat16, attention))
         got = model(latents.cuda(), sigma.cuda(), [c.cuda() for c in captions]).float().cpu()
     assert torch.isfinite(got).all()
     assert rel_err(got, expected) < 2e-2
@@ -46,7 +48,7 @@ def test_a_broken_triton_falls_back_to_the_pytorch_steps_with_a_warning(cpu_mode
     once and runs the unfused PyTorch steps: the same velocity within bf16 rounding, no failed generation."""
     import logging
 
-    from zimage import fused
+    from zimage import fused, kernels
 
     class CannotBuild:
         def __getitem__(self, grid):
@@ -56,17 +58,17 @@ def test_a_broken_triton_falls_back_to_the_pytorch_steps_with_a_warning(cpu_mode
     latents = torch.randn(1, 16, 32, 48, generator=g)
     captions = [torch.randn(50, CFG.cap_feat_dim, generator=g)]
     sigma = torch.tensor([0.6])
-    model = on_cuda(cpu_model, torch.bfloat16, "auto")
+    model = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"))
     with torch.no_grad():
         expected = cpu_model(latents, sigma, captions)
         fused_out = model(latents.cuda(), sigma.cuda(), [captions[0].cuda()]).float().cpu()
-        assert fused.TRITON_WORKS is True
-        monkeypatch.setattr(fused, "TRITON_WORKS", None)
+        assert kernels.TRITON_WORKS is True
+        monkeypatch.setattr(kernels, "TRITON_WORKS", None)
         monkeypatch.setattr(fused, "_swiglu_kernel", CannotBuild())
         with caplog.at_level(logging.WARNING):
             fallback = model(latents.cuda(), sigma.cuda(), [captions[0].cuda()]).float().cpu()
             model(latents.cuda(), sigma.cuda(), [captions[0].cuda()])
-    assert fused.TRITON_WORKS is False
+    assert kernels.TRITON_WORKS is False
     assert sum("Triton cannot run its kernels" in r.getMessage() for r in caplog.records) == 1
     assert rel_err(fallback, expected) < 2e-2 and rel_err(fused_out, expected) < 2e-2
     assert rel_err(fallback, fused_out) < 1e-2
@@ -78,7 +80,7 @@ def test_float32_cuda_matches_cpu_closely(cpu_model):
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
         expected = cpu_model(latents, torch.tensor([0.5]), captions)
-        got = on_cuda(cpu_model, torch.float32, "math")(latents.cuda(), torch.tensor([0.5], device="cuda"),
+        got = Runner(on_cuda(cpu_model, torch.float32, "math"))(latents.cuda(), torch.tensor([0.5], device="cuda"),
                                                         [captions[0].cuda()]).cpu()
     assert rel_err(got, expected) < 1e-5
 
@@ -99,9 +101,8 @@ def test_compiled_blocks_match_eager_on_cuda(cpu_model):
     latents = torch.randn(2, 16, 48, 64, generator=g).cuda().bfloat16()
     captions = [torch.randn(n, CFG.cap_feat_dim, generator=g).cuda().bfloat16() for n in (50, 128)]
     sigma = torch.tensor([0.9, 0.4], device="cuda")
-    eager = on_cuda(cpu_model, torch.bfloat16, "auto")
-    compiled = on_cuda(cpu_model, torch.bfloat16, "auto")
-    compiled.compile_blocks()
+    eager = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"))
+    compiled = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"), compile=True)
     with torch.no_grad():
         expected = eager(latents, sigma, captions).float()
         got = compiled(latents, sigma, captions).float()
@@ -132,10 +133,10 @@ def test_fp8_quantization_kernel_gives_the_pytorch_codes_and_scales(monkeypatch)
     """quantize_rows' Triton kernel rounds as its PyTorch steps do: the same e4m3 codes and scales, bit for
     bit, on rows of every scale, widths that are not powers of two, and an all-zero row."""
     import zimage.fp8 as fp8
-    from zimage import fused
+    from zimage import kernels
 
-    fused.check_triton(torch.device("cuda"), torch.bfloat16)
-    assert fused.TRITON_WORKS
+    kernels.check_kernels(torch.device("cuda"), torch.bfloat16)
+    assert kernels.TRITON_WORKS
     g = torch.Generator().manual_seed(21)
     for width in (768, 3840, 10240, 100):
         x = (torch.randn(257, width, generator=g) * torch.logspace(-6, 4, 257)[:, None]).to("cuda", torch.bfloat16)
@@ -153,8 +154,9 @@ def test_fp8_model_on_cuda_stays_close_to_float32(cpu_model):
     latents = torch.randn(1, 16, 64, 64, generator=g)
     captions = [torch.randn(96, CFG.cap_feat_dim, generator=g)]
     sigma = torch.tensor([0.6])
-    model = on_cuda(cpu_model, torch.bfloat16, "auto")
-    model.use_fp8_matmuls()
+    network = on_cuda(cpu_model, torch.bfloat16, "auto")
+    use_fp8_matmuls(network)
+    model = Runner(network)
     with torch.no_grad():
         expected = cpu_model(latents, sigma, captions)
         got = model(latents.cuda(), sigma.cuda(), [captions[0].cuda()]).float().cpu()
@@ -172,18 +174,19 @@ def test_streamed_weights_give_the_resident_result_and_stay_on_the_host():
     sigma = torch.tensor([0.7, 0.2], device="cuda")
     resident = S3DiT(cfg).to("cuda", torch.bfloat16).eval()
     resident.load_state_dict(source.state_dict())
-    streamed = S3DiT(cfg).to(torch.bfloat16).eval()
-    streamed.load_state_dict(source.state_dict())
+    network = S3DiT(cfg).to(torch.bfloat16).eval()
+    network.load_state_dict(source.state_dict())
+    streamed = Runner(network)
     streamed.stream_weights("cuda")
     with torch.no_grad():
-        expected = resident(latents, sigma, captions)
+        expected = Runner(resident)(latents, sigma, captions)
         for _ in range(2):  # the second forward reuses the buffers
             assert torch.equal(streamed(latents, sigma, captions), expected)
     for i in range(1, cfg.n_layers):
-        weight = streamed.layers[i].feed_forward.w2.weight
+        weight = network.layers[i].feed_forward.w2.weight
         assert weight.device.type == "cpu" and weight.is_pinned()
         assert torch.equal(weight, source.layers[i].feed_forward.w2.weight)
-    assert streamed.x_embedder.weight.is_cuda and streamed.layers[0].attention.qkv.weight.is_cuda  # resident
+    assert network.x_embedder.weight.is_cuda and network.layers[0].attention.qkv.weight.is_cuda  # resident
 
 
 
@@ -202,14 +205,11 @@ def test_omni_references_on_cuda_match_float32_cpu(path):
                    Reference(torch.randn(16, 24, 24, generator=g), torch.randn(5, 5, 128, generator=g))],
                   [Reference(torch.randn(16, 16, 48, generator=g), torch.randn(4, 9, 128, generator=g))]]
     sigma = torch.tensor([0.8, 0.35])
-    gpu = S3DiT(cfg).to(torch.bfloat16).eval()
-    gpu.load_state_dict(source.state_dict())
+    network = S3DiT(cfg).to(torch.bfloat16).eval()
+    network.load_state_dict(source.state_dict())
+    gpu = Runner(network if path == "streamed" else network.cuda(), compile=path == "compiled")
     if path == "streamed":
         gpu.stream_weights("cuda")
-    else:
-        gpu = gpu.cuda()
-    if path == "compiled":
-        gpu.compile_blocks()
     with torch.no_grad():
         expected = source(latents, sigma, captions, references=references)
         got = gpu(latents.cuda().bfloat16(), sigma.cuda(), [[c.cuda().bfloat16() for c in cs] for cs in captions],
@@ -230,33 +230,34 @@ def test_blocks_a_host_left_on_the_cpu_stream_in_and_go_back():
     sigma = torch.tensor([0.6], device="cuda")
     resident = S3DiT(cfg).to("cuda", torch.bfloat16).eval()
     resident.load_state_dict(source.state_dict())
-    resident.use_fp8_matmuls()  # e4m3 weights, float32 scales and bf16 norms in one block
-    partial = S3DiT(cfg).to("cuda", torch.bfloat16).eval()
-    partial.load_state_dict(source.state_dict())
-    partial.use_fp8_matmuls()
-    on_host = [partial.layers[0].feed_forward.w2, partial.layers[1].attention, partial.layers[3],
-               partial.context_refiner[1].ffn_norm1, partial.noise_refiner[0].feed_forward]
+    use_fp8_matmuls(resident)  # e4m3 weights, float32 scales and bf16 norms in one block
+    network = S3DiT(cfg).to("cuda", torch.bfloat16).eval()
+    network.load_state_dict(source.state_dict())
+    use_fp8_matmuls(network)
+    partial = Runner(network)
+    on_host = [network.layers[0].feed_forward.w2, network.layers[1].attention, network.layers[3],
+               network.context_refiner[1].ffn_norm1, network.noise_refiner[0].feed_forward]
     for i, module in enumerate(on_host):
         for p in module.parameters():
             p.data = p.data.cpu().pin_memory() if i % 2 else p.data.cpu()
     host_params = [p for m in on_host for p in m.parameters()]
     with torch.no_grad():
-        expected = resident(latents, sigma, captions)
+        expected = Runner(resident)(latents, sigma, captions)
         for _ in range(2):
             assert torch.equal(partial(latents, sigma, captions), expected)
         assert all(p.device.type == "cpu" for p in host_params)
 
         def fail(*args):
             raise RuntimeError("interrupted")
-        hook = partial.layers[3].feed_forward.register_forward_hook(fail)
+        hook = network.layers[3].feed_forward.register_forward_hook(fail)
         with pytest.raises(RuntimeError, match="interrupted"):
             partial(latents, sigma, captions)
         hook.remove()
         assert all(p.device.type == "cpu" for p in host_params)
         assert torch.equal(partial(latents, sigma, captions), expected)
-        assert partial._streamer.buffers  # kept between forwards
+        assert partial.streamer.buffers  # kept between forwards
         partial.release_buffers()
-        assert not partial._streamer.buffers
+        assert not partial.streamer.buffers
         assert torch.equal(partial(latents, sigma, captions), expected)
 
 
@@ -264,9 +265,8 @@ def test_cuda_graph_replays_give_the_eager_result(cpu_model):
     """A graph replays the kernels the eager forward ran: the same velocity, bit for bit, at every step and
     shape; a weight replaced or moved drops the graphs, and weights changed in place are read anew."""
     g = torch.Generator().manual_seed(14)
-    eager = on_cuda(cpu_model, torch.bfloat16, "auto")
-    graphed = on_cuda(cpu_model, torch.bfloat16, "auto")
-    graphed.use_cuda_graphs()
+    eager = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"))
+    graphed = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"), cuda_graphs=True)
     shapes = [((1, 16, 32, 48), (77,)), ((2, 16, 32, 32), (20, 90))]
     with torch.no_grad():
         for (shape, lens), sigma in [(shapes[0], 0.9), (shapes[0], 0.5), (shapes[1], 0.7), (shapes[0], 0.2),
@@ -275,36 +275,34 @@ def test_cuda_graph_replays_give_the_eager_result(cpu_model):
             captions = [torch.randn(n, CFG.cap_feat_dim, generator=g).cuda().bfloat16() for n in lens]
             s = torch.full((shape[0],), sigma, device="cuda")
             assert torch.equal(graphed(latents, s, captions), eager(latents, s, captions))
-        assert len(graphed._graphs.graphs) == 2 and None not in graphed._graphs.graphs.values()
+        assert len(graphed.graphs.graphs) == 2 and None not in graphed.graphs.graphs.values()
 
         # a LoRA-like change: in place (same address, the graph reads it) and by a new tensor (graphs dropped)
         for change in ("in place", "replaced"):
-            for model in (eager, graphed):
-                w = model.layers[1].feed_forward.w2
+            for runner in (eager, graphed):
+                w = runner.model.layers[1].feed_forward.w2
                 if change == "in place":
                     w.weight.data.mul_(1.5)
                 else:
                     w.weight = torch.nn.Parameter(w.weight.data * 0.5, requires_grad=False)
             assert torch.equal(graphed(latents, s, captions), eager(latents, s, captions))
-        assert len(graphed._graphs.graphs) == 1
+        assert len(graphed.graphs.graphs) == 1
         graphed.release_buffers()
-        assert not graphed._graphs.graphs
+        assert not graphed.graphs.graphs
 
 
 def test_compiled_blocks_run_without_cuda_graphs(cpu_model):
-    """Over compiled blocks graphs are not used (S3DiT.use_cuda_graphs says why): the compiled result, no capture."""
+    """Over compiled blocks graphs are not used (Runner says why): the compiled result, no capture."""
     g = torch.Generator().manual_seed(20)
     latents = torch.randn(1, 16, 32, 32, generator=g).cuda()
     captions = [torch.randn(30, CFG.cap_feat_dim, generator=g).cuda().bfloat16()]
     sigma = torch.tensor([0.4], device="cuda")
-    model = on_cuda(cpu_model, torch.bfloat16, "auto")
-    model.compile_blocks()
-    model.use_cuda_graphs()
+    model = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"), cuda_graphs=True, compile=True)
     with torch.no_grad():
-        expected = on_cuda(cpu_model, torch.bfloat16, "auto")(latents, sigma, captions).float()
+        expected = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"))(latents, sigma, captions).float()
         for _ in range(2):
             assert rel_err(model(latents, sigma, captions).float(), expected) < 1e-2
-    assert not model._graphs.graphs
+    assert model.graphs is None
 
 
 def test_an_interruption_during_capture_gets_through(cpu_model):
@@ -313,9 +311,8 @@ def test_an_interruption_during_capture_gets_through(cpu_model):
     class Interrupted(Exception):
         pass
 
-    model = on_cuda(cpu_model, torch.bfloat16, "auto")
-    reference = on_cuda(cpu_model, torch.bfloat16, "auto")
-    model.use_cuda_graphs()
+    model = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"), cuda_graphs=True)
+    reference = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"))
     latents = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(18)).cuda()
     captions = [torch.randn(20, CFG.cap_feat_dim, generator=torch.Generator().manual_seed(19)).cuda().bfloat16()]
     sigma = torch.tensor([0.5], device="cuda")
@@ -326,7 +323,7 @@ def test_an_interruption_during_capture_gets_through(cpu_model):
         if len(calls) == 2:
             raise Interrupted()
 
-    hook = model.layers[0].register_forward_pre_hook(interrupt_the_second_call)
+    hook = model.model.layers[0].register_forward_pre_hook(interrupt_the_second_call)
     with torch.no_grad():
         with pytest.raises(Interrupted):
             model(latents, sigma, captions)
@@ -334,17 +331,16 @@ def test_an_interruption_during_capture_gets_through(cpu_model):
         expected = reference(latents, sigma, captions)
         for _ in range(2):
             assert torch.equal(model(latents, sigma, captions), expected)
-    assert None not in model._graphs.graphs.values()
+    assert None not in model.graphs.graphs.values()
 
 
 def test_sampling_with_cuda_graphs_matches_and_frees_them(cpu_model):
     noise = make_noise(15, (1, 16, 32, 32))
     captions = [torch.randn(30, CFG.cap_feat_dim, generator=torch.Generator().manual_seed(16)).cuda().bfloat16()]
     plain = on_cuda(cpu_model, torch.bfloat16, "auto")
-    graphed = on_cuda(cpu_model, torch.bfloat16, "auto")
-    graphed.use_cuda_graphs()
+    graphed = Runner(on_cuda(cpu_model, torch.bfloat16, "auto"), cuda_graphs=True)
     sigmas = flow_sigmas(6, 3.0)
     negative = [torch.randn(12, CFG.cap_feat_dim, generator=torch.Generator().manual_seed(17)).cuda().bfloat16()]
     kwargs = dict(negative=negative, guidance=3.0, cfg_truncation=0.5)  # guided (batch 2), then batch 1
     assert torch.equal(sample(graphed, noise, sigmas, captions, **kwargs), sample(plain, noise, sigmas, captions, **kwargs))
-    assert not graphed._graphs.graphs  # released when sampling ends
+    assert not graphed.graphs.graphs  # released when sampling ends

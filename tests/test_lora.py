@@ -260,11 +260,14 @@ def comfy(zimage_pack):
     assert Path(comfy_nodes.__file__).resolve().parent == Path(folder_paths.__file__).resolve().parent, \
         f"`nodes` is not ComfyUI's nodes.py: {comfy_nodes.__file__}"
     pack = zimage_pack.__name__
+    host_ops = importlib.import_module(f"{pack}.nodes.comfy_model").comfy_ops(None, torch.float32)
     return dict(
         lora=comfy.lora, mm=comfy.model_management, folder_paths=folder_paths, nodes=comfy_nodes,
         pack_lora=importlib.import_module(f"{pack}.nodes.lora"),
         comfy_model=importlib.import_module(f"{pack}.nodes.comfy_model").comfy_model,
-        S3DiT=importlib.import_module(f"{pack}.zimage").S3DiT,
+        # the network as ZImageLoader builds it: with ComfyUI's layer classes (float32 on the CPU)
+        S3DiT=lambda cfg: importlib.import_module(f"{pack}.zimage").S3DiT(cfg, ops=host_ops),
+        use_fp8_matmuls=importlib.import_module(f"{pack}.zimage.fp8").use_fp8_matmuls,
     )
 
 
@@ -706,7 +709,7 @@ class Fp8Model:
 def fp8_model(comfy) -> Fp8Model:
     transformer = randomize_(comfy["S3DiT"](CFG), MODEL_SEED).eval()
     reference = {f"diffusion_model.{k}": v.detach().clone() for k, v in transformer.state_dict().items()}
-    transformer.use_fp8_matmuls()
+    comfy["use_fp8_matmuls"](transformer)
     model = comfy["comfy_model"](transformer)
     return Fp8Model(model, reference, {k: v.clone() for k, v in model.model.state_dict().items()})
 

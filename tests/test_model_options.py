@@ -39,14 +39,17 @@ def host(zimage_pack):
         native.update(importlib.import_module(module).NODE_CLASS_MAPPINGS)
     return dict(mm=comfy.model_management, model_patcher=comfy.model_patcher, nodes=comfy_nodes, native=native,
                 extension=comfy.patcher_extension,
-                comfy_model=importlib.import_module(f"{pack}.nodes.comfy_model").comfy_model,
+                comfy_model=importlib.import_module(f"{pack}.nodes.comfy_model"),
                 sampler=importlib.import_module(f"{pack}.nodes.sampler").ZImageSampler,
                 S3DiT=importlib.import_module(f"{pack}.zimage").S3DiT)
 
 
 @pytest.fixture
 def model(host):
-    yield host["comfy_model"](randomize_(host["S3DiT"](CFG), 0).eval())
+    """A tiny Z-Image MODEL as ZImageLoader makes one (ComfyUI's layer classes, float32 on the CPU)."""
+    comfy_model = host["comfy_model"]
+    network = host["S3DiT"](CFG, ops=comfy_model.comfy_ops(None, torch.float32))
+    yield comfy_model.comfy_model(randomize_(network, 0).eval())
     host["mm"].unload_all_models()
 
 

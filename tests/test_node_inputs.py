@@ -66,9 +66,10 @@ def test_chat_markers_become_single_special_tokens_in_comfyui_and_in_qwen(comfyu
 @pytest.fixture
 def edit_node(zimage_pack):
     pack = zimage_pack.__name__
-    comfy_model = importlib.import_module(f"{pack}.nodes.comfy_model").comfy_model
+    comfy_model = importlib.import_module(f"{pack}.nodes.comfy_model")
     S3DiT = importlib.import_module(f"{pack}.zimage").S3DiT
-    model = comfy_model(randomize_(S3DiT(ZImageConfig.tiny(siglip_feat_dim=24)), 0).eval())
+    network = S3DiT(ZImageConfig.tiny(siglip_feat_dim=24), ops=comfy_model.comfy_ops(None, torch.float32))
+    model = comfy_model.comfy_model(randomize_(network, 0).eval())
     clip = SimpleNamespace(tokenizer=SimpleNamespace(clip_name="qwen3_4b"))
     edit = importlib.import_module(f"{pack}.nodes.edit").ZImageEdit()
     return lambda **inputs: edit.edit(**{"model": model, "clip": clip, "clip_vision": None, "vae": None,

@@ -43,6 +43,16 @@ class ZImageConfig:
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * self.in_channels
 
+    @property
+    def block_stacks(self) -> dict[str, int]:
+        """The model's stacks of transformer blocks, by their names in the weights, and each one's depth: the
+        one list that loading, FP8, compile, streaming and the hosts' weight handling go through."""
+        stacks = {"noise_refiner": self.n_refiner_layers, "context_refiner": self.n_refiner_layers,
+                  "layers": self.n_layers}
+        if self.siglip_feat_dim is not None:
+            stacks["siglip_refiner"] = self.n_refiner_layers
+        return stacks
+
     @staticmethod
     def rope_axes_for(head_dim: int) -> tuple[int, int, int]:
         """The released split (32, 48, 48) of a 128 head, kept in proportion for smaller heads."""

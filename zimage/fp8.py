@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .fused import tl, triton, triton_runs
+from .kernels import smoke_test, tl, triton, triton_runs
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -34,6 +34,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).float().clamp(min=1e-12)
     factor = (E4M3_TOP / amax).to(x.dtype)
     return (x * factor).to(E4M3), 1 / factor.float()
+
+
+@smoke_test
+def _run_quantize_kernel(device: torch.device, dtype: torch.dtype) -> None:
+    quantize_rows(torch.ones(2, 100, device=device, dtype=torch.bfloat16))  # its kernel takes bf16 rows only
 
 
 def _quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +103,18 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise"
 
 
-def use_fp8_linears(blocks: nn.Module) -> None:
-    """Replace every bias-free nn.Linear under `blocks` with an Fp8Linear of its weights (in place)."""
-    for name, child in list(blocks.named_children()):
-        if type(child) is nn.Linear and child.bias is None:
-            setattr(blocks, name, Fp8Linear.from_linear(child))
+def use_fp8_matmuls(model) -> None:
+    """Compute an S3DiT's block matrix multiplies in FP8: each bias-free linear layer of its block stacks becomes
+    the model's ops.Fp8Linear of the same weights (in place; call after the weights are loaded). Half the blocks'
+    weight memory; on an H100 the GEMMs ran 1.9x faster and the forward 1.4x. The velocity moves: 9.3% against
+    bf16 on random full-size weights, where bf16 implementations differ from each other by 1.6% (bench/results)."""
+    for stack in model.block_stacks():
+        _replace_linears(stack, model.ops.Fp8Linear)
+
+
+def _replace_linears(module: nn.Module, fp8_linear: type[Fp8Linear]) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear) and child.bias is None:
+            setattr(module, name, fp8_linear.from_linear(child))
         else:
-            use_fp8_linears(child)
+            _replace_linears(child, fp8_linear)

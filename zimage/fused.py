@@ -5,9 +5,9 @@ operations, each step reads and writes the activations again, RoPE several times
 an H100 they took 52 of the eager forward's 132 ms. Each function here is one kernel that reads its inputs
 once, computes in float32 and rounds once, at the end.
 
-Elsewhere (the CPU, Apple's MPS, PyTorch builds without Triton) the same math runs as plain PyTorch. Triton's
-interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors, which is how the CPU tests check them
-against their formulas (tests/test_fused.py).
+Elsewhere (the CPU, Apple's MPS, PyTorch builds without Triton, or where kernels.check_kernels found Triton
+broken) the same math runs as plain PyTorch. Triton's interpreter runs the kernels on CPU tensors, which is how
+the CPU tests check them against their formulas (tests/test_fused.py).
 
 Norms come in as modules: `norm.weight_for(x)` is the weight to scale x with (a host that keeps weights
 elsewhere, or patches them per use, supplies its own), `norm.eps` its epsilon.
@@ -15,59 +15,26 @@ elsewhere, or patches them per use, supplies its own), `norm.eps` its epsilon.
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 import torch.nn.functional as F
 
+from .kernels import smoke_test, tl, triton, triton_runs
 from .rope import apply_rope
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # PyTorch on Windows or macOS comes without Triton
-    triton = tl = None
 
-# the interpreter runs kernels on CPU tensors
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# whether Triton builds and launches kernels in this process: None until check_triton has tried
-TRITON_WORKS: bool | None = None
-
-
-def triton_runs(x: torch.Tensor) -> bool:
-    """Whether x's kernels run in Triton: CUDA tensors once check_triton has seen Triton work, or any tensor
-    under the interpreter."""
-    return triton is not None and ((x.is_cuda and bool(TRITON_WORKS)) or INTERPRETED)
-
-
-def check_triton(device: torch.device, dtype: torch.dtype) -> None:
-    """Build and run every kernel here once, on small `dtype` tensors on `device`, once per process
-    (S3DiT.forward calls this before its first CUDA forward). A Triton install can be broken (it builds a
-    launcher with the system's C compiler and Python headers, which some machines lack), and older GPUs lack
-    what some kernels use. Then the PyTorch steps run instead, slower, after one warning, rather than every
-    generation failing."""
-    global TRITON_WORKS
-    if TRITON_WORKS is not None or triton is None or device.type != "cuda":
-        return
-    TRITON_WORKS = True  # so that the calls below take their kernels
-    try:
-        x = torch.ones(1, 2, 3 * 2 * 16, device=device, dtype=dtype)
-        norm = _Norm(torch.ones(x.shape[-1], device=device, dtype=dtype))
-        head_norm = _Norm(torch.ones(16, device=device, dtype=dtype))
-        rope = torch.ones(1, 2, 1, 8, device=device)
-        add_gated_norm(x, norm_modulate(x, norm, x), norm, x)
-        qk_norm_rope(x, 2, head_norm, head_norm, rope, rope)
-        swiglu(x, x)
-    except Exception as e:  # whatever Triton raised: its compiler's, the driver's
-        logging.warning(f"Z-Image: Triton cannot run its kernels here ({type(e).__name__}: {str(e)[:300]}); "
-                        f"running the unfused PyTorch steps, which are slower. A C compiler and the Python "
-                        f"development headers are what Triton usually lacks.")
-        TRITON_WORKS = False
+@smoke_test
+def _run_each_kernel(device: torch.device, dtype: torch.dtype) -> None:
+    x = torch.ones(1, 2, 3 * 2 * 16, device=device, dtype=dtype)
+    norm = _Norm(torch.ones(x.shape[-1], device=device, dtype=dtype))
+    head_norm = _Norm(torch.ones(16, device=device, dtype=dtype))
+    rope = torch.ones(1, 2, 1, 8, device=device)
+    add_gated_norm(x, norm_modulate(x, norm, x), norm, x)
+    qk_norm_rope(x, 2, head_norm, head_norm, rope, rope)
+    swiglu(x, x)
 
 
 class _Norm:
-    """A stand-in RMSNorm for check_triton: a weight and an eps."""
+    """A stand-in RMSNorm for the smoke test: a weight and an eps."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight, self.eps = weight, 1e-6

@@ -17,6 +17,7 @@ import torch
 
 from .model import S3DiT
 from .omni import Reference
+from .runner import Runner
 
 @dataclass(frozen=True)
 class Preset:
@@ -68,7 +69,7 @@ def make_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(
-    model: S3DiT,
+    model: Runner | S3DiT,
     noise: torch.Tensor,
     sigmas: list[float],
     positive: list[torch.Tensor],
@@ -83,6 +84,8 @@ def sample(
 ) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1] and return the final latents (float32, on `device`).
 
+    model: a Runner (runner.py), or an S3DiT, which then runs as it is (Runner(model)).
+
     noise, latent: [B, C, H, W]; latent is the clean starting image for img2img (None: empty).
     positive, negative: B caption feature tensors each, [L_i, cap_feat_dim] (with references, B lists of chunks).
     device: where to compute; default the model's. A host that offloads part of the weights (ComfyUI's
@@ -94,6 +97,8 @@ def sample(
                         ("cfg_truncation", cfg_truncation)):
         if not math.isfinite(value):  # a NaN guidance or truncation would silently turn guidance off
             raise ValueError(f"{name} must be a finite number, got {value}")
+    if not isinstance(model, Runner):
+        model = Runner(model)
     if guidance > 0 and negative is None:
         raise ValueError("guidance > 0 needs negative captions (an empty prompt's are the usual choice)")
     if len(positive) != noise.shape[0] or (negative is not None and len(negative) != noise.shape[0]):
