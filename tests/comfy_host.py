@@ -39,21 +39,6 @@ VISION_FILE = "sigclip_vision_patch14_384.safetensors"
 NAFLEX_FILE = "siglip2_so400m_patch16_naflex.safetensors"  # written where the host has NaFlex (0.14 and later)
 
 
-def _init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights at a scale that keeps activations finite: fan-in scaled matrices, unit norms."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return module
-
-
 def write_transformer(path: Path, seed: int = 0, cfg: ZImageConfig = TINY_DIT):
     model = randomize_(S3DiT(cfg), seed)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, str(path))
@@ -67,7 +52,7 @@ def write_text_encoder(path: Path):
     import zimage_tiny_text_encoder  # noqa: F401  (installs the shrunken config in this process too)
 
     model = llama.Qwen3_4B({}, dtype=torch.float32, device="cpu", operations=comfy.ops.manual_cast)
-    _init_(model, seed=1)
+    randomize_(model, seed=1, spread=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
@@ -80,7 +65,7 @@ def write_vision_encoder(path: Path, naflex: bool = False):
 
     model = comfy.clip_model.CLIPVisionModelProjection(NAFLEX_CONFIG if naflex else CONFIG, torch.float32, "cpu",
                                                        comfy.ops.manual_cast)
-    _init_(model, seed=4)
+    randomize_(model, seed=4, spread=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
@@ -90,7 +75,7 @@ def write_vae(path: Path):
     ddconfig = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128,
                     ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
     vae = torch.nn.ModuleDict({"encoder": Encoder(**ddconfig), "decoder": Decoder(**ddconfig)})
-    _init_(vae, seed=2)
+    randomize_(vae, seed=2, spread=False)
     save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, str(path))
 
 

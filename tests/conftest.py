@@ -90,6 +90,22 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line("A skipped host test is not a pass: the nodes were not checked inside ComfyUI.")
 
 
+def pytest_generate_tests(metafunc):
+    """A module that tests parity declares PARITY_CONFIGS ({id: ZImageConfig}); its tests that take `pair` run once
+    per config, the pair built once per module and config."""
+    if "pair" in metafunc.fixturenames:
+        configs = metafunc.module.PARITY_CONFIGS
+        metafunc.parametrize("pair", list(configs.values()), ids=list(configs), indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def pair(request):
+    """(cfg, diffusers' transformer, the engine) on the same random weights, both float32 (helpers.reference_pair)."""
+    from helpers import reference_pair
+
+    return (request.param, *reference_pair(request.param, seed=1))
+
+
 @pytest.fixture(scope="session")
 def comfy_base(comfyui_path, tmp_path_factory):
     """A ComfyUI base directory with tiny model files under the real names, this pack and the test shim."""

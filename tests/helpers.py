@@ -22,18 +22,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random (norm weights around 1, pad tokens included), so that no term can hide."""
+def randomize_(module: torch.nn.Module, seed: int = 0, spread: bool = True) -> torch.nn.Module:
+    """The tests' one way to make random weights: every matrix (and convolution) random, scaled by its fan-in.
+    spread: norm weights around 1 and every other parameter (biases, pad tokens) random too, so that no term can
+    hide; without it, norms 1 and the rest 0, which keeps deep stacks of another model's layers (the test hosts'
+    text encoder, vision encoder and VAE) finite."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif p.ndim >= 2 and "pad_token" not in name:
-                p.copy_(noise * (0.8 / p.shape[-1] ** 0.5))
+            if p.ndim >= 2 and "pad_token" not in name:
+                p.copy_(noise * (0.8 / p[0].numel() ** 0.5))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise if spread else torch.ones_like(noise))
             else:
-                p.copy_(0.3 * noise)
+                p.copy_(0.3 * noise if spread else torch.zeros_like(noise))
     return module
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import diffusers_velocity, reference_pair, rel_err
+from helpers import diffusers_velocity, rel_err
 from zimage import S3DiT, ZImageConfig
 
 TINY = ZImageConfig.tiny()
@@ -14,10 +14,7 @@ MID = ZImageConfig(dim=384, n_heads=3, n_layers=2, n_refiner_layers=1, ffn_hidde
                    t_embed_dim=256)
 
 
-@pytest.fixture(scope="module", params=[TINY, MID], ids=["tiny", "mid"])
-def pair(request):
-    cfg = request.param
-    return (cfg, *reference_pair(cfg, seed=1))
+PARITY_CONFIGS = {"tiny": TINY, "mid": MID}  # the `pair` fixture (conftest.py) runs each
 
 
 CASES = [

@@ -21,10 +21,7 @@ MID = ZImageConfig(dim=384, n_heads=3, n_layers=2, n_refiner_layers=1, ffn_hidde
                    t_embed_dim=256, siglip_feat_dim=72)
 
 
-@pytest.fixture(scope="module", params=[TINY, MID], ids=["tiny", "mid"])
-def pair(request):
-    cfg = request.param
-    return (cfg, *reference_pair(cfg, seed=1))
+PARITY_CONFIGS = {"tiny": TINY, "mid": MID}  # the `pair` fixture (conftest.py) runs each
 
 
 def make_inputs(cfg, seed, height, width, samples, sigmas):

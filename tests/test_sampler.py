@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import diffusers_reference, rel_err
-from zimage import PRESETS, S3DiT, ZImageConfig, convert_state_dict, flow_sigmas, make_noise, sample
+from helpers import reference_pair, rel_err
+from zimage import PRESETS, ZImageConfig, flow_sigmas, make_noise, sample
 
 CFG = ZImageConfig.tiny()
 
 
 @pytest.fixture(scope="module")
 def models():
-    reference = diffusers_reference(CFG, seed=5)
-    engine = S3DiT(CFG).eval()
-    engine.load_state_dict(convert_state_dict(reference.state_dict()))
-    return reference, engine
+    return reference_pair(CFG, seed=5)
 
 
 def pipeline(transformer, shift=3.0):
