@@ -1,8 +1,11 @@
 """One process, one GPU, the same random weights: this engine vs ComfyUI's native NextDiT vs diffusers.
 
-All three models share the engine's weight tensors (ComfyUI uses the same names; diffusers gets row views of
-the fused qkv), so the comparison costs one copy of the weights. Each forward is timed with CUDA events after
-warm-up, the variants in turns (one call each per round); the table reports medians, peak memory above the weights, and ratios to native ComfyUI.
+All three models share the engine's weight tensors (ComfyUI uses the same names; diffusers gets them under the
+names zimage.source_keys gives, q, k and v as row views of the fused qkv), so the comparison costs one copy of the
+weights. The engine's variants are zimage.Runners, as the loader runs the network: eager (the fused kernels), with
+CUDA graphs, with compiled blocks, with FP8 matmuls, and eager on the flash attention kernel. Each forward is timed
+with CUDA events after warm-up, the variants in turns (one call each per round); the table reports medians, peak
+memory above the weights, and ratios to native ComfyUI.
 
     python bench/bench_forward.py --comfyui /path/to/ComfyUI --out bench/results
 """
@@ -10,120 +13,18 @@ warm-up, the variants in turns (one call each per round); the table reports medi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zimage import S3DiT, ZImageConfig  # noqa: E402
-
-GiB = 2**30
-
-
-def random_engine(cfg: ZImageConfig, device, dtype, attention="auto") -> S3DiT:
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = S3DiT(cfg, attention=attention).to(dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 and "pad_token" not in name:
-                p.normal_(0, 0.8 / p.shape[-1] ** 0.5)
-            elif "norm" in name:
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0, 0.1)
-    return model.eval().requires_grad_(False)
-
-
-def comfy_native(engine: S3DiT, comfyui: str):
-    sys.path.insert(0, comfyui)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = not torch.cuda.is_available()
-    import comfy.ops
-    from comfy.ldm.lumina.model import NextDiT
-
-    cfg = engine.cfg
-    with torch.device("meta"):
-        native = NextDiT(patch_size=2, in_channels=16, dim=cfg.dim, n_layers=cfg.n_layers,
-                         n_refiner_layers=cfg.n_refiner_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
-                         multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True,
-                         cap_feat_dim=cfg.cap_feat_dim, axes_dims=list(cfg.rope_axes), axes_lens=[1536, 512, 512],
-                         rope_theta=256.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
-                         dtype=engine.dtype, operations=comfy.ops.disable_weight_init)
-    native.load_state_dict(engine.state_dict(), assign=True)
-    return native.eval()
-
-
-def diffusers_model(engine: S3DiT):
-    from diffusers import ZImageTransformer2DModel
-
-    cfg = engine.cfg
-    with torch.device("meta"):
-        model = ZImageTransformer2DModel(dim=cfg.dim, n_layers=cfg.n_layers, n_refiner_layers=cfg.n_refiner_layers,
-                                         n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, cap_feat_dim=cfg.cap_feat_dim,
-                                         axes_lens=[1536, 512, 512])
-    sd = {}
-    for key, value in engine.state_dict().items():
-        if ".attention.qkv." in key:
-            for i, name in enumerate(("to_q", "to_k", "to_v")):
-                sd[key.replace("qkv", name)] = value[i * cfg.dim:(i + 1) * cfg.dim]
-            continue
-        key = (key.replace("attention.out.", "attention.to_out.0.").replace("attention.q_norm.", "attention.norm_q.")
-               .replace("attention.k_norm.", "attention.norm_k."))
-        if key.startswith(("x_embedder.", "final_layer.")):
-            head, rest = key.split(".", 1)
-            key = f"all_{head}.2-1.{rest}"
-        sd[key] = value
-    model.load_state_dict(sd, assign=True, strict=True)
-    return model.eval()
-
-
-def time_interleaved(runs: dict, warmup: int, iters: int) -> dict[str, tuple[float, float]]:
-    """{name: (median ms, spread ms)}, timing the variants in turns, one call each per round: a GPU's clocks
-    drift as it warms, and timing one variant after another would hand the drift to whichever came last."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in runs}
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-    for _ in range(iters):
-        for name, fn in runs.items():
-            if not cuda:  # --device cpu dry run of the script itself
-                t = time.perf_counter()
-                fn()
-                times[name].append(1000 * (time.perf_counter() - t))
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
-    return {name: (statistics.median(t), max(t) - min(t)) for name, t in times.items()}
-
-
-def time_cuda(fn, warmup: int, iters: int) -> tuple[float, float]:
-    """(median ms, spread ms) of one function."""
-    return time_interleaved({"fn": fn}, warmup, iters)["fn"]
-
-
-def peak_above(fn, baseline: int) -> float:
-    if not torch.cuda.is_available():
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / GiB
+from common import (GiB, comfy_native, diffusers_model, peak_above, provenance, provenance_line, random_engine,
+                    random_inputs, rel_err, shared_copy, time_interleaved, write_json)
+from zimage import Runner, ZImageConfig
+from zimage.attention import Attention
+from zimage.fp8 import use_fp8_matmuls
 
 
 def forward_flops(cfg: ZImageConfig, n_image: int, n_caption: int) -> float:
@@ -135,18 +36,6 @@ def forward_flops(cfg: ZImageConfig, n_image: int, n_caption: int) -> float:
     refiners = cfg.n_refiner_layers * (n_image * per_token_block + 4 * n_image ** 2 * d
                                        + n_caption * per_token_block + 4 * n_caption ** 2 * d)
     return main + refiners + 2 * n_image * d * 64 * 2
-
-
-def shared_copy(engine: S3DiT) -> S3DiT:
-    """Another S3DiT holding the same weight tensors (no copy), for a variant that rewires its modules."""
-    from zimage.fp8 import Fp8Linear
-
-    with torch.device("meta"):
-        twin = S3DiT(engine.cfg, attention=engine.attention.backend)
-        if any(isinstance(m, Fp8Linear) for m in engine.modules()):
-            twin.use_fp8_matmuls()
-    twin.load_state_dict(engine.state_dict(), assign=True)
-    return twin.eval().requires_grad_(False)
 
 
 def kernel_breakdown(fn) -> dict[str, float]:
@@ -203,35 +92,28 @@ def main():
     weights = torch.cuda.memory_allocated() if device == "cuda" else 0
     native = comfy_native(engine, args.comfyui)
     reference = diffusers_model(engine)
-    from zimage.attention import Attention
 
-    def variant(source: S3DiT, compile: bool, graphs: bool) -> S3DiT:
-        model = shared_copy(source)
-        if compile:
-            model.compile_blocks()
-        if graphs:
-            model.use_cuda_graphs()
-        return model
-
-    # CUDA graphs go with eager blocks only (S3DiT.use_cuda_graphs says why)
-    graphed, compiled = variant(engine, False, True), variant(engine, True, False)
+    # each variant is a Runner, the way the loader runs forwards; the eager one runs the fused kernels. Compiling
+    # and FP8 rewire a network's modules in place, so those run on shared copies (the same weight tensors).
+    # CUDA graphs go with eager blocks only (zimage.Runner says why).
+    eager = Runner(engine)
+    graphed = Runner(engine, cuda_graphs=True)
+    compiled = Runner(shared_copy(engine), compile=True)
     fp8 = fp8_compiled = None
     if not args.no_fp8:
-        fp8 = shared_copy(engine)
-        fp8.use_fp8_matmuls()
-        fp8_compiled = variant(fp8, True, False)
+        fp8_model = shared_copy(engine)
+        use_fp8_matmuls(fp8_model)
+        fp8, fp8_compiled = Runner(fp8_model), Runner(shared_copy(fp8_model), compile=True)
     weights_all = torch.cuda.memory_allocated() if device == "cuda" else 0
 
     rows, profiles = [], {}
     g = torch.Generator(device="cpu").manual_seed(0)
     for size in args.sizes:
         for batch in args.batches:
-            latents = torch.randn(batch, 16, size // 8, size // 8, generator=g).to(device, dtype)
-            sigma = torch.full((batch,), 0.7, device=device)
-            captions = [torch.randn(args.caption, cfg.cap_feat_dim, generator=g).to(device, dtype) for _ in range(batch)]
+            latents, sigma, captions = random_inputs(cfg, size, batch, args.caption, device, dtype, g)
             context = torch.stack(captions)
             runs = {
-                "engine": lambda: engine(latents, sigma, captions),
+                "engine": lambda: eager(latents, sigma, captions),
                 "comfyui": lambda: native(latents, sigma, context, num_tokens=args.caption),
             }
             if size <= args.skip_diffusers_above:
@@ -249,7 +131,7 @@ def main():
             def engine_flash(kernels=Attention("flash").kernels):
                 saved, engine.attention.kernels = engine.attention.kernels, kernels
                 try:
-                    return engine(latents, sigma, captions)
+                    return eager(latents, sigma, captions)
                 finally:
                     engine.attention.kernels = saved
 
@@ -272,15 +154,15 @@ def main():
                 ref = outs["comfyui"].float()
                 for name in outs:
                     if name.startswith("engine"):
-                        row[f"{name}_vs_comfyui_rel_err"] = ((outs[name].float() - ref).norm() / ref.norm()).item()
+                        row[f"{name}_vs_comfyui_rel_err"] = rel_err(outs[name].float(), ref)
                 # what the fast paths change against the eager bf16 engine
                 base = outs["engine"].float()
                 for name in ("engine_graphs", "engine_compiled", "engine_fp8", "engine_fp8_compiled"):
                     if name in outs:
-                        row[f"{name}_vs_engine_rel_err"] = ((outs[name].float() - base).norm() / base.norm()).item()
+                        row[f"{name}_vs_engine_rel_err"] = rel_err(outs[name].float(), base)
                 if "diffusers" in outs:
                     d = -torch.stack([o.float() for o in outs["diffusers"]]).squeeze(2)
-                    row["engine_vs_diffusers_rel_err"] = ((outs["engine"].float() - d).norm() / d.norm()).item()
+                    row["engine_vs_diffusers_rel_err"] = rel_err(outs["engine"].float(), d)
             flops = batch * forward_flops(cfg, (size // 16) ** 2, args.caption)
             for name in runs:
                 if name.startswith("engine"):
@@ -293,22 +175,18 @@ def main():
 
     result = {
         "what": "S3-DiT forward, random full-size bf16 weights, caption tokens per sample: %d" % args.caption,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        **provenance(device), "python": platform.python_version(),
         "weights_gib": weights / GiB, "rows": rows, "kernel_ms_by_kind": profiles,
     }
-    os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    with open(os.path.join(args.out, f"forward-{stamp}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(result, args.out, f"forward-{stamp}.json")
     write_table(result, os.path.join(args.out, f"forward-{stamp}.md"))
 
 
 def write_table(result: dict, path: str) -> None:
     nan = float("nan")
     lines = ["# S3-DiT forward: engine vs ComfyUI native vs diffusers", "",
-             f"{result['device']}, torch {result['torch']}, {result['date']}, `{result['command']}`", "",
+             provenance_line(result), "",
              "Milliseconds per forward (median of CUDA-event timings). Ratios are to native ComfyUI eager, same run.", "",
              "| size | batch | engine | + graphs | compiled | fp8 | fp8 compiled "
              "| engine (flash attn) | ComfyUI | diffusers | engine/ComfyUI | + graphs/ComfyUI | compiled/ComfyUI "

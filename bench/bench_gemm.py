@@ -10,25 +10,17 @@ without fast accumulation.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_forward import time_cuda  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zimage.fp8 import quantize_rows  # noqa: E402
+from common import provenance, rel_err, time_cuda, write_json
+from zimage.fp8 import quantize_rows
 
 E4M3 = torch.float8_e4m3fn
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 SHAPES = {"qkv": (3840, 11520), "out": (3840, 3840), "w1 / w3": (3840, 10240), "w1+w3 stacked": (3840, 20480),
           "w2": (10240, 3840)}
 
@@ -72,11 +64,8 @@ def main():
         row["fp8 quantization rel err"] = rel_err(exact, a[0].float() @ w.float().t())
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"what": f"block GEMMs at {m} tokens", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"gemm-{time.strftime('%Y%m%d-%H%M')}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    result = {"what": f"block GEMMs at {m} tokens", **provenance(), "rows": rows}
+    write_json(result, args.out, f"gemm-{time.strftime('%Y%m%d-%H%M')}.json")
     modes = [k for k in rows[0] if k.endswith("TFLOP/s")]
     print("| gemm | " + " | ".join(modes) + " |")
     for r in rows:

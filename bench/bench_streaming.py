@@ -1,8 +1,9 @@
 """Weight streaming under a small VRAM cap: the full model at 1024x1024 with the blocks in pinned host memory.
 
 Measures the host-to-device bandwidth (pinned, block-sized copies), caps PyTorch's memory at --cap-gib, and
-times a forward with S3DiT.stream_weights. The bound is the streamed bytes over the measured bandwidth: a
-forward cannot be faster than moving its weights, and overlapping hides the compute under the copies.
+times a forward of a zimage.Runner that streams the weights (Runner.stream_weights). The bound is the streamed
+bytes over the measured bandwidth: a forward cannot be faster than moving its weights, and overlapping hides
+the compute under the copies.
 
     python bench/bench_streaming.py --cap-gib 4 --out bench/results
 """
@@ -10,19 +11,13 @@ forward cannot be faster than moving its weights, and overlapping hides the comp
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_forward import random_engine, time_cuda  # noqa: E402
-from zimage import ZImageConfig  # noqa: E402
-
-GiB = 2**30
+from common import GiB, provenance, random_engine, random_inputs, time_cuda, write_json
+from zimage import Runner, ZImageConfig
 
 
 def h2d_gbps(nbytes: int, repeats: int = 10) -> float:
@@ -49,32 +44,28 @@ def main():
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(args.cap_gib * GiB / total)
-    engine.stream_weights("cuda")
+    runner = Runner(engine)
+    runner.stream_weights("cuda")
     streamed = sum(p.nbytes for p in engine.parameters() if not p.is_cuda)  # copied in every forward
     resident = torch.cuda.memory_allocated()
 
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 16, args.size // 8, args.size // 8, generator=g).cuda().bfloat16()
-    captions = [torch.randn(args.caption, cfg.cap_feat_dim, generator=g).cuda().bfloat16()]
-    sigma = torch.tensor([0.7], device="cuda")
+    latents, sigma, captions = random_inputs(cfg, args.size, 1, args.caption, "cuda", torch.bfloat16,
+                                             torch.Generator().manual_seed(0))
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        ms, spread = time_cuda(lambda: engine(latents, sigma, captions), 1, args.iters)
-        out = engine(latents, sigma, captions)
+        ms, spread = time_cuda(lambda: runner(latents, sigma, captions), 1, args.iters)
+        out = runner(latents, sigma, captions)
     bound_ms = streamed / gbps / 1e6
     result = {
         "what": f"S3-DiT forward {args.size}x{args.size}, blocks streamed from pinned host memory, "
                 f"PyTorch memory capped at {args.cap_gib:g} GiB",
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        **provenance(),
         "h2d_gb_per_s": gbps, "streamed_gib": streamed / GiB, "transfer_bound_ms": bound_ms,
         "forward_ms": ms, "spread_ms": spread, "over_bound": ms / bound_ms,
         "resident_gib": resident / GiB, "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
         "finite": bool(torch.isfinite(out).all()),
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"streaming-{args.cap_gib:g}gib.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(result, args.out, f"streaming-{args.cap_gib:g}gib.json")
     print(json.dumps(result, indent=2))
 
 
