@@ -43,6 +43,27 @@ def random_engine(cfg: ZImageConfig, device, dtype, attention="auto") -> S3DiT:
     return model.eval().requires_grad_(False)
 
 
+def random_state(shapes: dict[str, torch.Size], dtype, seed: int) -> dict[str, torch.Tensor]:
+    """A state dict of random tensors for a host's own loaders to read (files, ComfyUI's text encoder and VAE):
+    drawn on the GPU (fast), kept on the CPU; norms near 1, matrices fan-in scaled."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=g, device="cuda", dtype=torch.float32)
+        if len(shape) >= 2:
+            t *= 0.8 / (torch.Size(shape[1:]).numel() ** 0.5)
+        elif "norm" in name and name.endswith("weight"):
+            t = 1 + 0.1 * t
+        else:
+            t *= 0.02
+        out[name] = t.to(dtype).cpu()
+    return out
+
+
+def shapes_of(module: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
 def shared_copy(engine: S3DiT) -> S3DiT:
     """Another S3DiT holding the same weight tensors (no copy), for a variant that rewires its modules in place
     (FP8 linears, compiled blocks) while the original stays as it is."""

@@ -11,7 +11,6 @@ full-size architectures with random weights, all owned by ComfyUI's model manage
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -19,28 +18,9 @@ import time
 
 import torch
 
+from common import GiB, provenance, random_state, shapes_of, write_json
+
 PACK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-GiB = 2**30
-
-
-def random_state(shapes: dict[str, torch.Size], dtype, seed: int) -> dict[str, torch.Tensor]:
-    """Random tensors drawn on the GPU (fast), kept on the CPU; norms near 1, matrices fan-in scaled."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    out = {}
-    for name, shape in shapes.items():
-        t = torch.randn(shape, generator=g, device="cuda", dtype=torch.float32)
-        if len(shape) >= 2:
-            t *= 0.8 / (torch.Size(shape[1:]).numel() ** 0.5)
-        elif "norm" in name and name.endswith("weight"):
-            t = 1 + 0.1 * t
-        else:
-            t *= 0.02
-        out[name] = t.to(dtype).cpu()
-    return out
-
-
-def shapes_of(module: torch.nn.Module) -> dict[str, torch.Size]:
-    return {k: v.shape for k, v in module.state_dict().items()}
 
 
 def main():
@@ -77,7 +57,8 @@ def main():
     from comfy_host import import_pack
 
     nodes = import_pack().NODE_CLASS_MAPPINGS
-    from comfyui_zimage.zimage import S3DiT, ZImageConfig
+    # the pack's own engine modules (not the `zimage` that common imports): the loader's runner is their Runner
+    from comfyui_zimage.zimage import Runner, S3DiT, ZImageConfig
 
     os.makedirs(args.models, exist_ok=True)
     folder_paths.add_model_folder_path("diffusion_models", args.models)
@@ -104,20 +85,26 @@ def main():
                                             not args.no_cuda_graphs)
 
     # the transformer's forwards alone (the sampler's time less ComfyUI's model loading), and the bytes of
-    # block weights it found in host memory and streamed in
-    transformer = model.model.diffusion_model
+    # block weights it found in host memory and streamed in. Timed around the runner's calls, not the network's:
+    # a CUDA graph replay never calls the network
+    runner = model.model.runner
     if args.comfy_casting:
-        transformer._blocks = lambda stack, device: iter(stack)
+        runner._blocks = lambda device: iter  # the blocks run as they are: ComfyUI's ops cast what is off the GPU
     forwards = []
 
-    def forward_started(module, args):
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        streamed = sum(p.nbytes for p in module.parameters() if not p.is_cuda)
-        forwards.append((start, torch.cuda.Event(enable_timing=True), streamed))
+    class TimedRunner(Runner):
+        def __call__(self, *inputs, **options):
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            streamed = sum(p.nbytes for p in self.model.parameters() if not p.is_cuda)
+            forwards.append((start, torch.cuda.Event(enable_timing=True), streamed))
+            out = super().__call__(*inputs, **options)
+            forwards[-1][1].record()
+            return out
 
-    transformer.register_forward_pre_hook(forward_started)
-    transformer.register_forward_hook(lambda module, args, out: forwards[-1][1].record())
+    # the loader's runner itself, its class swapped: ZImageSampler and ComfyUI's model call that object, and a
+    # new Runner would decide again what the loader decided (graphs, compile)
+    runner.__class__ = TimedRunner
 
     def now():
         torch.cuda.synchronize()
@@ -152,15 +139,12 @@ def main():
 
     result = {"what": f"{args.generations} Turbo generations {args.size}x{args.size} (text encode + 8 steps + VAE decode) "
                       f"under a {args.budget_gb:g} GiB ComfyUI VRAM budget",
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+              **provenance(),
               "budget_gib": args.budget_gb, "compile": args.compile,
               "cuda_graphs": not args.no_cuda_graphs, "comfy_casting": args.comfy_casting, "weight_dtype": args.weight_dtype, "setup_seconds": setup_s, "runs": runs}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"memory-{args.budget_gb:g}gb{'-compiled' if args.compile else ''}"
-                           f"{'' if args.weight_dtype == 'default' else '-' + args.weight_dtype}"
-                           f"{'-no-graphs' if args.no_cuda_graphs else ''}{'-comfy-casting' if args.comfy_casting else ''}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(result, args.out, f"memory-{args.budget_gb:g}gb{'-compiled' if args.compile else ''}"
+               f"{'' if args.weight_dtype == 'default' else '-' + args.weight_dtype}"
+               f"{'-no-graphs' if args.no_cuda_graphs else ''}{'-comfy-casting' if args.comfy_casting else ''}.json")
 
 
 if __name__ == "__main__":
