@@ -34,7 +34,8 @@ def size_problem(width: int, height: int) -> str | None:
 
 
 class ZImageLatent:
-    DESCRIPTION = "An empty latent for Z-Image: 16 channels at 1/8 of the image size, sides multiples of 16."
+    DESCRIPTION = ("An empty latent for Z-Image: 16 channels at 1/8 of the image size, sides multiples of 16. Choosing "
+                   "an aspect fills in width and height.")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("Empty latents to sample into.",)
@@ -44,12 +45,13 @@ class ZImageLatent:
     def INPUT_TYPES(cls):
         return {"required": {
             "width": ("INT", {"default": 1024, "min": MIN_SIDE, "max": MAX_SIDE, "step": 16,
-                              "tooltip": "Image width in pixels, a multiple of 16 (used when aspect is custom)."}),
+                              "tooltip": "Image width in pixels, a multiple of 16."}),
             "height": ("INT", {"default": 1024, "min": MIN_SIDE, "max": MAX_SIDE, "step": 16,
-                               "tooltip": "Image height in pixels, a multiple of 16 (used when aspect is custom)."}),
+                               "tooltip": "Image height in pixels, a multiple of 16."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
-            "aspect": (list(ASPECTS), {"default": "custom", "tooltip":
-                       "A preset size of about one megapixel; custom uses width and height."}),
+            "aspect": (list(ASPECTS), {"default": "custom", "sizes": ASPECTS, "tooltip":
+                       "Fills in width and height with a size of about one megapixel; changing either makes it "
+                       "custom. The latent always has the size width and height show."}),
         }}
 
     @classmethod
@@ -63,11 +65,9 @@ class ZImageLatent:
                 return f"{name} {value!r} is not a whole number"
         if not 1 <= batch_size <= 64:
             return f"batch_size {batch_size} is outside 1..64"
-        if ASPECTS[aspect] is None:
-            return size_problem(width, height) or True
-        return True
+        return size_problem(width, height) or True
 
     def generate(self, width, height, batch_size, aspect):
-        width, height = ASPECTS[aspect] or (width, height)
+        # aspect is the graph editor's shortcut (web/zimage.js fills width and height from ASPECTS)
         latent = torch.zeros([batch_size, 16, height // 8, width // 8], device=mm.intermediate_device())
         return ({"samples": latent},)

@@ -12,7 +12,10 @@ from .checks import require_finite
 from .comfy_model import caption_features, engine_of, refuse_unhonoured, unhonoured_in_forward, wrapper_name
 from .reference_images import omni_inputs, reference_conds
 
-PRESET_CHOICES = ["turbo", "base", "custom"]
+PRESET_CHOICES = [*PRESETS, "custom"]
+# what choosing a preset writes into the widgets (the graph editor does it, web/zimage.js)
+PRESET_WIDGETS = {name: {"steps": p.steps, "cfg": p.guidance, "shift": p.shift, "cfg_normalization": p.cfg_normalization,
+                         "cfg_truncation": p.cfg_truncation} for name, p in PRESETS.items()}
 
 
 # what sampler-level nodes put into a MODEL's options for ComfyUI's own samplers (CFG functions from guidance
@@ -76,9 +79,9 @@ def conditioning_captions(conditioning, batch: int, width: int, what: str) -> li
 
 
 class ZImageSampler:
-    DESCRIPTION = ("Samples Z-Image with the engine's flow-matching Euler sampler. Presets: turbo (the official recipe: "
-                   "8 evaluations, shift 3, no CFG) and base (50 steps, CFG 4 with a negative prompt); custom uses the "
-                   "widgets. Returns a LATENT for ComfyUI's VAEDecode.")
+    DESCRIPTION = ("Samples Z-Image with the engine's flow-matching Euler sampler, with the steps, cfg and shift its "
+                   "widgets show. Choosing a preset fills them in: turbo (the official recipe: 8 evaluations, shift 3, "
+                   "no CFG) or base (50 steps, CFG 4 with a negative prompt). Returns a LATENT for ComfyUI's VAEDecode.")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised latent; decode it with VAEDecode and the FLUX VAE.",)
@@ -94,18 +97,18 @@ class ZImageSampler:
                                                  "denoise below 1 for image-to-image."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Noise seed; draws the same noise as KSampler for the same latent."}),
-                "preset": (PRESET_CHOICES, {"default": "turbo", "tooltip":
-                           "turbo: 8 steps, shift 3, cfg 0 (Z-Image-Turbo's official recipe, its 9 sigmas give 8 "
-                           "model evaluations). base: 50 steps, shift 3, cfg 4. custom: the values below. A preset "
-                           "overrides steps, cfg, shift, cfg_normalization and cfg_truncation."}),
+                "preset": (PRESET_CHOICES, {"default": "turbo", "presets": PRESET_WIDGETS, "tooltip":
+                           "Fills in steps, cfg, shift, cfg_normalization and cfg_truncation. turbo: 8 steps, shift 3, "
+                           "cfg 0 (Z-Image-Turbo's official recipe, its 9 sigmas give 8 model evaluations). base: 50 "
+                           "steps, shift 3, cfg 4. Changing one of those widgets makes it custom. The sampler always "
+                           "uses the widgets' values."}),
                 "steps": ("INT", {"default": 8, "min": 1, "max": 200,
-                                  "tooltip": "Model evaluations (each doubled when cfg > 0). Used with preset custom."}),
+                                  "tooltip": "Model evaluations (each doubled when cfg > 0)."}),
                 "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip":
                         "Guidance as the official pipelines define it: v_pos + cfg * (v_pos - v_neg); 0 turns it off "
-                        "(one pass per step). KSampler's cfg is this + 1. Used with preset custom."}),
+                        "(one pass per step). KSampler's cfg is this + 1."}),
                 "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1,
-                                    "tooltip": "Sigma schedule shift; higher spends more steps at high noise. "
-                                               "Used with preset custom."}),
+                                    "tooltip": "Sigma schedule shift; higher spends more steps at high noise."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                             "1 starts from pure noise. Below 1 starts part way from the input latent (image-to-image), "
                             "running the last steps of a steps/denoise schedule, as KSampler does."}),
@@ -126,10 +129,8 @@ class ZImageSampler:
         transformer = engine_of(model)
         require_finite("ZImageSampler", cfg=cfg, shift=shift, denoise=denoise, cfg_normalization=cfg_normalization,
                        cfg_truncation=cfg_truncation)
-        if preset != "custom":
-            p = PRESETS[preset]
-            steps, cfg, shift = p.steps, p.guidance, p.shift
-            cfg_normalization, cfg_truncation = p.cfg_normalization, p.cfg_truncation
+        # preset is the graph editor's shortcut (web/zimage.js fills the widgets from PRESET_WIDGETS): the values
+        # run are the widgets', as the user sees them
         refuse_unhonoured(unhonoured_by_engine_loop(model, shift), "ZImageSampler",
                           "sample with KSampler, which applies sampler options and wrappers (not block patches)")
         samples = latent["samples"]

@@ -190,3 +190,40 @@ def test_a_missing_node_type_is_seen(browser, comfy_server, tmp_path):
         assert unregistered == ["ZImageSamplerNoSuchNode"], unregistered
     finally:
         app.close()
+
+
+WIDGETS_OF = """type => Object.fromEntries(window.app.rootGraph.findNodesByType(type)[0].widgets.map(w => [w.name, w.value]))"""
+# what a user's choice in a widget does: its value set, then its callback (the canvas calls it on every change)
+SET_WIDGET = """([type, name, value]) => {
+    const w = window.app.rootGraph.findNodesByType(type)[0].widgets.find(w => w.name === name)
+    w.value = value
+    w.callback(value) }"""
+
+
+def test_presets_fill_in_the_widgets_and_the_widgets_are_what_is_queued(app_page, tmp_path):
+    """ZImageSampler's preset and ZImageLatent's aspect fill in the widgets they govern (web/zimage.js); a widget
+    changed by hand makes them custom; the queued prompt carries what the widgets show, which is what runs."""
+    workflow = load_workflow("zimage_turbo_t2i.json")
+    path = tmp_path / "zimage_presets.json"  # a name of its own: the app would not open a file already open again
+    path.write_text(json.dumps(workflow))
+    app_page.open_file(path, len(workflow["nodes"]))
+    page = app_page.page
+    since = len(app_page.log)
+
+    page.evaluate(SET_WIDGET, ["ZImageSampler", "preset", "base"])
+    sampler = page.evaluate(WIDGETS_OF, "ZImageSampler")
+    assert (sampler["preset"], sampler["steps"], sampler["cfg"], sampler["shift"]) == ("base", 50, 4.0, 3.0), sampler
+    page.evaluate(SET_WIDGET, ["ZImageSampler", "steps", 12])
+    assert page.evaluate(WIDGETS_OF, "ZImageSampler")["preset"] == "custom"
+
+    page.evaluate(SET_WIDGET, ["ZImageLatent", "aspect", "16:9 (1344x768)"])
+    latent = page.evaluate(WIDGETS_OF, "ZImageLatent")
+    assert (latent["width"], latent["height"]) == (1344, 768), latent
+    page.evaluate(SET_WIDGET, ["ZImageLatent", "width", 1024])
+    assert page.evaluate(WIDGETS_OF, "ZImageLatent")["aspect"] == "custom"
+
+    queued = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    by_type = {node["class_type"]: node["inputs"] for node in queued.values()}
+    assert by_type["ZImageSampler"]["steps"] == 12 and by_type["ZImageSampler"]["cfg"] == 4.0
+    assert (by_type["ZImageLatent"]["width"], by_type["ZImageLatent"]["height"]) == (1024, 768)
+    assert not app_page.problems(since), app_page.problems(since)
