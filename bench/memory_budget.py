@@ -82,7 +82,7 @@ def main():
     setup_s = time.time() - t0
 
     (model,) = nodes["ZImageLoader"]().load(name, args.weight_dtype, "auto", args.compile,
-                                            not args.no_cuda_graphs)
+                                            not args.no_cuda_graphs)["result"]
 
     # the transformer's forwards alone (the sampler's time less ComfyUI's model loading), and the bytes of
     # block weights it found in host memory and streamed in. Timed around the runner's calls, not the network's:

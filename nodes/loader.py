@@ -48,6 +48,28 @@ def resolve(model_name: str) -> str:
     return folder_paths.get_full_path_or_raise("diffusion_models", model_name)
 
 
+def what_will_run(runner, device, attention: str, compute, storage, fp8_matmuls: bool, compile: bool) -> str:
+    """What this load will run on this machine, for the log and the node: options that do nothing here say so."""
+    cuda = device.type == "cuda"
+    parts = [f"on {device}, computing in {str(compute).removeprefix('torch.')}"
+             + (f", the blocks' matrices stored as {str(storage).removeprefix('torch.')}" if storage else "")
+             + (", FP8 matrix multiplies" if fp8_matmuls and cuda else "")
+             + (" (FP8 matrix multiplies emulated: no CUDA device)" if fp8_matmuls and not cuda else "")]
+    if cuda:
+        parts.append(f"attention: {attention} ({', '.join(k.name.lower() for k in ATTENTION_BACKENDS[attention])}, "
+                     f"in that order)")
+        parts.append("fused Triton kernels (checked at the first step; PyTorch's steps where Triton cannot run)")
+    else:
+        parts.append(f"attention: PyTorch's {device.type} kernel (the attention choice {attention!r} applies on CUDA "
+                     f"GPUs); the blocks' elementwise steps in PyTorch (the fused kernels need CUDA)")
+    if runner.graphs is not None and cuda:
+        parts.append("CUDA graphs: on")
+    elif runner.graphs is not None or runner.graphs_off is not None:
+        parts.append(f"CUDA graphs: off, {'no CUDA device here' if not cuda else runner.graphs_off}")
+    parts.append(f"compile: {'on' if compile else 'off'}")
+    return "; ".join(parts) + "."
+
+
 class ZImageLoader:
     DESCRIPTION = ("Loads a Z-Image transformer (Turbo or Base) onto the standalone S3-DiT engine and hands it to "
                    "ComfyUI's model management. Use ComfyUI's CLIPLoader (qwen_3_4b, type lumina2) and VAELoader (ae).")
@@ -111,7 +133,8 @@ class ZImageLoader:
                                            fp8_matmuls=fp8_matmuls, ops=comfy_ops(storage, compute))
         except CheckpointError as e:
             raise ValueError(f"ZImageLoader: {e}") from None
-        logging.info(f"Z-Image: loaded {model_name} ({info.format} format, {info.variant}, stored {info.stored_dtype}) "
-                     f"computing in {compute}" + (f", stored as {storage}" if storage else "")
-                     + (", fp8 matmuls" if fp8_matmuls else ""))
-        return (comfy_model(transformer, storage, cuda_graphs=cuda_graphs, compile=compile),)
+        model = comfy_model(transformer, storage, cuda_graphs=cuda_graphs, compile=compile)
+        summary = (f"Z-Image: loaded {model_name} ({info.format} format, {info.variant}, stored {info.stored_dtype}); "
+                   + what_will_run(model.model.runner, load_device, attention, compute, storage, fp8_matmuls, compile))
+        logging.info(summary)
+        return {"ui": {"text": [summary]}, "result": (model,)}

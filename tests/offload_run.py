@@ -30,7 +30,8 @@ replay = CapturedForward.replay
 CapturedForward.replay = lambda graph, inputs: replays.append(1) or replay(graph, inputs)
 
 folder_paths.add_model_folder_path("diffusion_models", models)
-(model,) = nodes["ZImageLoader"]().load("z_image_turbo_bf16.safetensors", "default", "auto", mode == "compiled", True)
+(model,) = nodes["ZImageLoader"]().load("z_image_turbo_bf16.safetensors", "default", "auto", mode == "compiled",
+                                        True)["result"]
 off_gpu = []
 model.model.diffusion_model.register_forward_pre_hook(
     lambda module, args: off_gpu.append(sum(p.nbytes for p in module.parameters() if not p.is_cuda)))

@@ -39,13 +39,15 @@ class Runner:
         self.graphs: GraphedForward | None = None
         self.streamer: WeightStreamer | None = None
         self.layout_key = self.layout = None
+        self.graphs_off: str | None = None  # why CUDA graphs, asked for, are not used
         if compile:
             _compile_blocks(model)
-        blocker = capture_blocker() if cuda_graphs and not compile else None
-        if blocker is not None:
-            logging.warning(f"Z-Image: CUDA graphs are off: {blocker}.")
-        elif cuda_graphs and not compile:
-            self.graphs = GraphedForward()
+        if cuda_graphs:
+            self.graphs_off = "the blocks are compiled" if compile else capture_blocker()
+            if self.graphs_off is None:
+                self.graphs = GraphedForward()
+            elif not compile:
+                logging.warning(f"Z-Image: CUDA graphs are off: {self.graphs_off}.")
 
     @property
     def cfg(self):
