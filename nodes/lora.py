@@ -212,6 +212,7 @@ class ZImageLoraLoader:
                    "sampling speed is unchanged.")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)  # as ZImageLoader's output, whose place it takes
     OUTPUT_TOOLTIPS = ("The model with the LoRA applied.",)
     FUNCTION = "load"
 

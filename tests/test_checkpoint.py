@@ -422,6 +422,9 @@ _sdxl = _keys_file("sd_xl_base_1.0.safetensors", {
     "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)})
 _text_encoder = _keys_file("qwen_3_4b.safetensors", {
     "model.layers.0.self_attn.q_proj.weight": (8, 8), "model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,)})
+_siglip = _keys_file("sigclip_vision_patch14_384.safetensors", {
+    "vision_model.embeddings.patch_embedding.weight": (8, 3, 14, 14),
+    "vision_model.encoder.layers.0.self_attn.q_proj.weight": (8, 8), "vision_model.post_layernorm.weight": (8,)})
 _vae = _keys_file("ae.safetensors", {
     "decoder.conv_in.weight": (8, 16, 3, 3), "encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_out.bias": (3,)})
 _lora = _keys_file("z_image_style_lora.safetensors", {
@@ -489,6 +492,7 @@ REFUSALS = {
     "flux": (_flux, ["FLUX"]),
     "sdxl": (_sdxl, ["SDXL"]),
     "text_encoder": (_text_encoder, ["text encoder"]),
+    "siglip": (_siglip, ["CLIP/SigLIP vision encoder", "models/clip_vision"]),
     "vae": (_vae, ["VAE"]),
     "lora": (_lora, ["LoRA"]),
     "lumina": (_lumina, ["Lumina"]),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from comfy_host import load_workflow, shrink
+from test_edit_node import saved_latent
 from helpers import randomize_
 from zimage import ZImageConfig
 
@@ -111,3 +112,33 @@ def test_siglip_grid_follows_the_naflex_image_size(zimage_pack):
     broken.image_sizes = [torch.Size([3, 48, 100])]
     with pytest.raises(ValueError, match="no patch grid"):
         siglip_grid(broken)
+
+
+def test_zimage_sampler_runs_the_steps_its_widgets_show_whatever_the_preset_says(comfy_server):
+    """The preset only fills in widgets (in the graph editor); a prompt that says preset turbo with 3 steps runs 3
+    steps, as custom with 3 steps does, and not the preset's 8."""
+    def latent(**widgets):
+        graph = shrink(load_workflow("zimage_turbo_t2i.api.json"))
+        del graph["7"], graph["8"]
+        graph["6"]["inputs"].update(widgets)
+        graph["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "widgets"}}
+        return saved_latent(comfy_server, comfy_server.run(graph))
+
+    turbo_3 = latent(preset="turbo", steps=3)
+    assert torch.equal(turbo_3, latent(preset="custom", steps=3))
+    assert (turbo_3 - latent(preset="turbo", steps=8)).norm() / turbo_3.norm() > 1e-3
+
+
+def test_the_loader_says_what_will_run_here(comfy_server):
+    """On a machine without CUDA the loader's cudnn attention and CUDA graphs do nothing: the node's output and the
+    log say so, and what runs instead."""
+    prompt = shrink(load_workflow("zimage_turbo_t2i.api.json"))
+    prompt["1"]["inputs"].update(attention="cudnn", cuda_graphs=True)
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (summary,) = entry["outputs"]["1"]["text"]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the summary names the kernels that run (tests/test_gpu_host.py)")
+    assert "on cpu" in summary and "CUDA graphs: off, no CUDA device here" in summary, summary
+    assert "the attention choice 'cudnn' applies on CUDA GPUs" in summary, summary
+    assert summary in comfy_server.tail(400)

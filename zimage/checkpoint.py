@@ -92,6 +92,7 @@ def describe_foreign(keys: list[str]) -> str:
         (r"double_blocks\.|single_blocks\.", "a FLUX transformer"),
         (r"joint_blocks\.", "a Stable Diffusion 3 transformer"),
         (r"input_blocks\.|conditioner\.embedders|down_blocks\.\d+\.resnets", "a Stable Diffusion / SDXL UNet checkpoint"),
+        (r"(^|\.)vision_model\.|(^|\.)patch_embedding\.", "a CLIP/SigLIP vision encoder (put it in models/clip_vision)"),
         (r"(^|\.)embed_tokens\.|self_attn\.q_proj", "a language-model text encoder (put it in models/text_encoders)"),
         (r"text_model\.|text_projection", "a CLIP text encoder"),
         (r"(^|\.)(decoder|encoder)\.(conv_in|mid)", "a VAE (put it in models/vae)"),
