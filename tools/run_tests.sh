@@ -3,15 +3,27 @@
 #
 #   bash tools/run_tests.sh [pytest arguments...]
 #
-# Hosts: the folders in COMFYUI_PATHS (colon-separated), else COMFYUI_PATH, else ComfyUI itself when this pack
-# sits in ComfyUI/custom_nodes/, plus ~/comfy/ComfyUI and ~/comfy/ComfyUI-0.14 where they exist. Each host gets
-# a virtual environment at <host>/.venv (made on first use, seeing this Python's packages, torch included) with
-# its own requirements (torch lines excluded) and `requests` (ComfyUI 0.8 imports it without listing it). With
-# no host the suite runs once in this Python and every host test is skipped, loudly.
+# It sets up what it needs first: PyTorch where this Python has none (pip's choice of build, or the
+# specifiers in $TORCH_PACKAGES), the pack's and the tests' requirements, and Debian's chromium for the browser
+# test where apt-get can install it (else that test is skipped, loudly). Hosts: the folders in COMFYUI_PATHS (colon-separated), else COMFYUI_PATH, else ComfyUI
+# itself when this pack sits in ComfyUI/custom_nodes/, plus ~/comfy/ComfyUI and ~/comfy/ComfyUI-0.14 where they
+# exist. Each host gets a virtual environment at <host>/.venv (made on first use, seeing this Python's packages,
+# torch included) with its own requirements (torch lines excluded) and `requests` (ComfyUI 0.8 imports it
+# without listing it). With no host the suite runs once in this Python and every host test is skipped, loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if ! python -c "import torch" 2>/dev/null; then
+  # shellcheck disable=SC2086  # TORCH_PACKAGES is a list of requirement specifiers
+  python -m pip install -q ${TORCH_PACKAGES:-torch torchvision}
+fi
 python -m pip install -q -r requirements.txt -r tests/requirements.txt
+
+# The browser test drives Debian's chromium through playwright; never `playwright install`.
+if ! command -v chromium >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+    || echo "COULD NOT INSTALL chromium (apt-get failed): the browser test will be SKIPPED."
+fi
 
 hosts=()
 if [ -n "${COMFYUI_PATHS:-}" ]; then
