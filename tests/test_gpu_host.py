@@ -53,7 +53,7 @@ def test_novram_streaming_samples_what_the_fully_loaded_model_samples(comfyui_pa
 
 
 def test_compiled_blocks_inside_comfyui_sample_close_to_eager_without_graphs(comfyui_path, tmp_path):
-    """ZImageLoader's compile with cuda_graphs on: the compiled blocks run, without graphs (S3DiT.use_cuda_graphs
+    """ZImageLoader's compile with cuda_graphs on: the compiled blocks run, without graphs (zimage.Runner
     says why), and sample what the eager blocks sample up to bf16 rounding."""
     full = sample_in_comfyui(comfyui_path, tmp_path, "full")
     compiled = sample_in_comfyui(comfyui_path, tmp_path, "compiled")

@@ -1,6 +1,6 @@
 """Weight streaming: run blocks whose weights sit in host memory, on a card that cannot hold them all.
 
-Whatever left a block's parameters off the compute device (S3DiT.stream_weights, or a host's partial
+Whatever left a block's parameters off the compute device (Runner.stream_weights, or a host's partial
 loading such as ComfyUI's lowvram), they are copied in one block ahead of use, on a side stream, into one
 of two device buffers that take turns: while block i computes from one, block i+1 is copied into the
 other. Each block runs with those parameters pointed at its buffer and pointed back at host memory right
