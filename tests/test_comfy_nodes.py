@@ -214,3 +214,15 @@ def test_fp8_storage_covers_every_block_stack_of_an_omni_model(zimage_pack):
             if isinstance(module, torch.nn.Linear):
                 assert module.weight.dtype == torch.float8_e4m3fn, f"{name}.{module_name}"
     assert transformer.x_embedder.weight.dtype == torch.float32  # outside the blocks: the compute dtype
+
+
+def test_the_readme_names_the_nodes_and_outputs_as_the_graph_editor_shows_them(comfy_server):
+    """The README's node table uses the display names the graph editor shows; the LoRA node's output carries the
+    name of the loader's, whose place it takes."""
+    from comfy_host import PACK_ROOT
+
+    readme = (PACK_ROOT / "README.md").read_text()
+    info = comfy_server.get("/object_info")
+    for name in OUR_NODES:
+        assert f"| {info[name]['display_name']} (`{name}`) |" in readme, name
+    assert info["ZImageLoraLoader"]["output_name"] == info["ZImageLoader"]["output_name"] == ["model"]
