@@ -25,6 +25,7 @@ import torch
 
 from .blocks import Ops
 from .config import ZImageConfig
+from .control import ControlConfig, ControlNet
 from .fp8 import use_fp8_matmuls
 from .files import (SAFETENSORS_DTYPES, CheckpointError, TensorEntry, checkpoint_files, read_json,
                     read_safetensors_header, short_repr, transformer_folder)
@@ -234,11 +235,17 @@ def config_json_fields(path: str, fields: dict) -> dict:
 
 def check_layout(name: str, cfg: ZImageConfig, plan: dict[str, list[str]], entries: dict[str, TensorEntry],
                  prefix: str) -> None:
-    """The one place that decides whether a file holds exactly the model `cfg` describes: every parameter present
-    with its shape, and every tensor in the file either a parameter (or a part of one), an fp8 weight's scale, or
-    skipped() by name. Anything else is refused, so no weight is ever dropped in silence."""
+    """Whether a file holds exactly the transformer `cfg` describes (check_names)."""
     with torch.device("meta"):
         expected = {k: list(p.shape) for k, p in S3DiT(cfg).named_parameters()}
+    check_names(name, expected, plan, entries, prefix)
+
+
+def check_names(name: str, expected: dict[str, list[int]], plan: dict[str, list[str]],
+                entries: dict[str, TensorEntry], prefix: str = "", what: str = "Z-Image transformer") -> None:
+    """The one place that decides whether a file holds exactly the model whose parameters' shapes are `expected`:
+    every parameter present with its shape, and every tensor in the file either a parameter (or a part of one), an
+    fp8 weight's scale, or skipped() by name. Anything else is refused, so no weight is ever dropped in silence."""
     used, wrong = set(), []
     for engine_name, sources in plan.items():
         if engine_name not in expected:
@@ -263,15 +270,15 @@ def check_layout(name: str, cfg: ZImageConfig, plan: dict[str, list[str]], entri
     unknown = sorted(k for k in entries if k not in used and not skipped(k.removeprefix(prefix)))
     missing = sorted(set(expected) - set(plan))
     if unknown:
-        raise CheckpointError(f"{name} holds tensors that a Z-Image transformer does not have: "
+        raise CheckpointError(f"{name} holds tensors that a {what} does not have: "
                               f"{', '.join(unknown[:8])}{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}. "
                               f"It is another model, or a Z-Image variant this loader does not know; it was not "
                               f"loaded, so that none of its weights would be dropped.")
     if missing:
-        raise CheckpointError(f"{name} is not a complete Z-Image transformer: missing {', '.join(missing[:8])}"
+        raise CheckpointError(f"{name} is not a complete {what}: missing {', '.join(missing[:8])}"
                               f"{f' and {len(missing) - 8} more' if len(missing) > 8 else ''}. Re-download it.")
     if wrong:
-        raise CheckpointError(f"{name} is damaged or not a Z-Image transformer: the shapes of {'; '.join(wrong[:4])} "
+        raise CheckpointError(f"{name} is damaged or not a {what}: the shapes of {'; '.join(wrong[:4])} "
                               f"do not fit the model its other tensors describe. Re-download it.")
 
 
@@ -317,3 +324,68 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
     if fp8_matmuls:
         use_fp8_matmuls(model)
     return model.eval()
+
+
+def inspect_controlnet(path: str) -> tuple[ZImageConfig, ControlConfig, dict[str, list[str]], dict[str, TensorEntry]]:
+    """A Fun ControlNet file (models/model_patches): the shape of the model it is for, its own shape, and its plan.
+    Versions are told apart as ComfyUI's ModelPatchLoader tells them: 15 control layers (2.0), 3 (2.1 lite) or 6
+    (1.0), the control input's channels, whether the refiner blocks give hints, and the 2.0 file whose refiner
+    hints are all zero ("broken", which needs the tensor itself)."""
+    name = os.path.basename(path)
+    entries = {}
+    for file in checkpoint_files(path):
+        entries.update(read_safetensors_header(file))
+    if not any(k.startswith("control_layers.") for k in entries):
+        raise CheckpointError(f"{name} is not a Z-Image Fun ControlNet: it has no control_layers.")
+    plan = conversion_plan(entries)
+
+    def shape(key, rank):
+        if key not in plan or len(entries[plan[key][0]].shape) != rank or 0 in entries[plan[key][0]].shape:
+            raise CheckpointError(f"{name} is damaged or not a Z-Image Fun ControlNet: {key} is missing or has the "
+                                  f"wrong shape. Re-download it.")
+        return entries[plan[key][0]].shape
+
+    dim, patch_in = shape("control_x_embedder.weight", 2)
+    head_dim = shape("control_layers.0.attention.q_norm.weight", 1)[0]
+    cfg = ZImageConfig(dim=dim, n_heads=dim // head_dim, ffn_hidden=shape("control_layers.0.feed_forward.w1.weight", 2)[0],
+                       t_embed_dim=shape("control_layers.0.adaLN_modulation.0.weight", 2)[1],
+                       rope_axes=ZImageConfig.rope_axes_for(head_dim))
+    refiner_control = "control_noise_refiner.0.after_proj.weight" in plan
+    control = ControlConfig(n_control_layers=_depth(plan, "control_layers"),
+                            n_refiner_layers=_depth(plan, "control_noise_refiner"),
+                            in_channels=patch_in // cfg.patch_size ** 2, refiner_control=refiner_control)
+    if refiner_control and control.n_control_layers == 15:  # ComfyUI checks the 2.0 files alone
+        from safetensors import safe_open
+
+        source = plan["control_noise_refiner.0.after_proj.weight"][0]
+        with safe_open(entries[source].file, framework="pt") as f:
+            broken = torch.count_nonzero(f.get_tensor(source)).item() == 0
+        control = ControlConfig(**{**control.__dict__, "broken": broken})
+    with torch.device("meta"):
+        expected = {k: list(p.shape) for k, p in ControlNet(cfg, control).named_parameters()}
+    check_names(name, expected, plan, entries, what="Z-Image Fun ControlNet")
+    return cfg, control, plan, entries
+
+
+def load_controlnet(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    attention: str = "auto", ops: Ops = Ops()) -> ControlNet:
+    """A Fun ControlNet file as the engine's ControlNet, on `device` in `dtype` (None: as stored)."""
+    from safetensors import safe_open
+
+    cfg, control, plan, entries = inspect_controlnet(path)
+    with torch.device("meta"):
+        net = ControlNet(cfg, control, attention=attention, ops=ops)
+    handles = {}
+    try:
+        for engine_name, sources in plan.items():
+            def read(key):
+                file = entries[key].file
+                handles.setdefault(file, safe_open(file, framework="pt", device="cpu"))
+                return handles[file].get_tensor(key)
+            tensor = assemble(sources, entries, read)
+            owner, _, attr = engine_name.rpartition(".")
+            setattr(net.get_submodule(owner), attr, torch.nn.Parameter(
+                tensor.to(device=device, dtype=dtype or tensor.dtype), requires_grad=False))
+    finally:
+        handles.clear()
+    return net.eval()

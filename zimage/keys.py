@@ -18,6 +18,7 @@ PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 RENAMES = [
     ("all_x_embedder.2-1.", "x_embedder.", 0, 1),
     ("all_final_layer.2-1.", "final_layer.", 0, 1),
+    ("control_all_x_embedder.2-1.", "control_x_embedder.", 0, 1),  # the Fun ControlNets' (control.py)
     (".attention.to_q.", ".attention.qkv.", 0, 3),
     (".attention.to_k.", ".attention.qkv.", 1, 3),
     (".attention.to_v.", ".attention.qkv.", 2, 3),

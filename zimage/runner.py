@@ -14,6 +14,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from .control import ControlHints
 from .cuda_graphs import GraphedForward, capture_blocker
 from .kernels import check_kernels
 from .model import S3DiT
@@ -62,18 +63,26 @@ class Runner:
         return self.model.device
 
     def __call__(self, latents: torch.Tensor, sigma: torch.Tensor, caption_feats: list,
-                 references: list[list[Reference]] | None = None) -> torch.Tensor:
-        """S3DiT.forward's velocity for these inputs, run as this runner runs forwards."""
+                 references: list[list[Reference]] | None = None,
+                 control: list[ControlHints] | None = None) -> torch.Tensor:
+        """S3DiT.forward's velocity for these inputs, run as this runner runs forwards. control: ControlNets whose
+        hints are added to the image tokens (control.py), in order."""
         model = self.model
         model.check_inputs(latents, sigma, caption_feats, references)
+        if control and references is not None:
+            raise ValueError("a ControlNet and reference images in one forward: the Fun ControlNets are made for "
+                             "Z-Image-Turbo's text-to-image sequence; use one or the other")
         device = latents.device
         check_kernels(device, model.dtype)
         key = layout_key(latents, caption_feats, references)
         if key != self.layout_key:
             self.layout, self.layout_key = sequence_layout(model.cfg, latents, caption_feats, references), key
         layout, blocks = self.layout, self._blocks(device)
+        for hints in control or ():
+            blocks = hints.blocks(model, blocks)
         try:
-            weights = self._graph_weights(device) if references is None else None
+            # a ControlNet's hints are not captured yet: their inputs and strength would be baked into the graph
+            weights = self._graph_weights(device) if references is None and not control else None
             if weights is None:
                 return model(latents, sigma, caption_feats, references, layout=layout, blocks=blocks)
             return self.graphs(lambda x, s, *captions: model(x, s, list(captions), layout=layout, blocks=blocks),
