@@ -25,7 +25,15 @@ from .checks import require_finite
 from .comfy_model import engine_of
 from ..zimage import CheckpointError, read_safetensors_header, source_keys
 
-PEFT_PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.")
+# What trainers write in front of a module's dotted name (ComfyUI's or diffusers'): nothing (DiffSynth-Studio,
+# which saves its own DiT's parameters, named as diffusers names them), ai-toolkit's diffusion_model., diffusers'
+# transformer., PEFT's base_model.model., and the ones InvokeAI reads (its Z-Image LoRA conversion strips
+# base_model.model.transformer.[diffusion_model.] and transformer.diffusion_model.).
+DOTTED_PREFIXES = ("", "diffusion_model.", "transformer.", "base_model.model.", "base_model.model.transformer.",
+                   "transformer.diffusion_model.", "base_model.model.transformer.diffusion_model.")
+# ... and in front of the name with "_" for ".": kohya / Musubi Tuner, OneTrainer, and VideoX-Fun's distilled
+# Z-Image LoRAs (lora_unet__layers_0_attention_to_q, as InvokeAI and diffusers read them)
+FLAT_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_unet__")
 
 
 def zimage_lora_key_map(model_patcher) -> dict:
@@ -40,9 +48,9 @@ def zimage_lora_key_map(model_patcher) -> dict:
             rows = weight.shape[0] // parts
             target = key if parts == 1 else (key, (0, part * rows, rows))
             module = source[: -len(".weight")]
-            key_map["lora_unet_" + module.replace(".", "_")] = target
-            key_map["lora_transformer_" + module.replace(".", "_")] = target
-            for prefix in PEFT_PREFIXES:
+            for prefix in FLAT_PREFIXES:
+                key_map[prefix + module.replace(".", "_")] = target
+            for prefix in DOTTED_PREFIXES:
                 key_map[prefix + module] = target
     return key_map
 

@@ -10,17 +10,34 @@ Random rank-4 LoRAs are written as .safetensors in each naming (one file per nam
 - OneTrainer               lora_transformer_layers_0_attention_to_q.lora_down.weight / ... / .alpha
 - ComfyUI                  diffusion_model.layers.0.attention.qkv.lora_up.weight / .lora_down.weight / .alpha
 - ComfyUI, kohya-style     lora_unet_layers_0_attention_qkv.lora_down.weight / ... / .alpha
-The first five use the diffusers module names (separate to_q / to_k / to_v, to_out.0, all_x_embedder.2-1, ...),
-which must land on row slices of ComfyUI's fused qkv; the last two use ComfyUI's own names.
+- DiffSynth-Studio         layers.0.attention.to_q.lora_A.default.weight / .lora_B.default.weight
+- VideoX-Fun (kohya, "__") lora_unet__layers_0_attention_to_q.lora_down.weight / ... / .alpha
+- InvokeAI's prefixes      base_model.model.transformer.layers.0.attention.to_q.lora_A.weight / .lora_B.weight
+                           base_model.model.transformer.layers.0.attention.qkv.lora_A.weight / ...
+                           transformer.diffusion_model.layers.0.attention.to_q.lora_down.weight / ... / .alpha
+                           transformer.diffusion_model.layers.0.attention.qkv.lora_down.weight / ... / .alpha
+                           base_model.model.transformer.diffusion_model.layers.0.attention.qkv.lora_A.weight / ...
+The diffusers module names (separate to_q / to_k / to_v, to_out.0, all_x_embedder.2-1, ...) must land on row
+slices of ComfyUI's fused qkv; the ComfyUI namings and three of InvokeAI's use ComfyUI's own names.
+
+Where trainers write these: DiffSynth-Studio (diffsynth/diffusion/training_module.py) injects PEFT adapters
+into its ZImageDiT, whose modules have diffusers' names (diffsynth/models/z_image_dit.py: to_q, to_out,
+all_x_embedder), and saves the trainable parameters with "pipe.dit." removed: no prefix, PEFT's in-memory
+".lora_A.default.weight", and no alpha (lora_alpha defaults to the rank: scale 1). ComfyUI 0.14.1 maps exactly
+these names for Z-Image ("DiffSynth lora format" in comfy/lora.py); diffusers' Z-Image LoRA conversion drops
+"default.". "lora_unet__" is the naming of VideoX-Fun's distilled Z-Image LoRAs, as InvokeAI's and diffusers'
+Z-Image conversions (and diffusers' tests) read it. InvokeAI's Z-Image LoRA conversion strips
+base_model.model.transformer.[diffusion_model.] and transformer.diffusion_model. before the module name.
 
 The expected weights are computed here, from the tensors written to the files:
     W' = W + strength * (alpha / rank) * (up @ down)          (alpha / rank = 1 where the file has no alpha)
 on the whole weight, or on rows [j * dim, (j + 1) * dim) of qkv for q, k, v (j = 0, 1, 2).
 
-ComfyUI 0.8's own LoraLoaderModelOnly loads ai-toolkit, diffusers PEFT and both ComfyUI namings completely.
-It cannot load every key of kohya / Musubi Tuner (to_q / to_k / to_v / to_out_0 / all_x_embedder /
-all_final_layer names), OneTrainer (lora_transformer_*) or PEFT base_model.model.* files; for those the test
-checks only that what native does apply is right, and that ZImageLoraLoader applies everything.
+ComfyUI's own LoraLoaderModelOnly (0.8.0 and 0.14.1) loads ai-toolkit, diffusers PEFT and both ComfyUI
+namings completely, and DiffSynth-Studio's too from 0.14 (not 0.8). It cannot load every key of kohya / Musubi
+Tuner (to_q / to_k / to_v / to_out_0 / all_x_embedder / all_final_layer names), OneTrainer
+(lora_transformer_*), PEFT base_model.model.*, VideoX-Fun's lora_unet__* or InvokeAI's prefixed files; for
+those the test checks only that what native does apply is right, and that ZImageLoraLoader applies everything.
 """
 
 from __future__ import annotations
@@ -46,7 +63,8 @@ CFG = ZImageConfig.tiny()
 RANK = 4
 MODEL_SEED = 0
 NOT_LOADED = "lora key not loaded"
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".alpha")
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight",
+                 ".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
 # --- what a LoRA can target: ComfyUI weight name, rows of it, and the diffusers module name ---------------
@@ -93,7 +111,7 @@ class Naming:
     up: str
     down: str
     alpha: bool
-    native: bool  # ComfyUI 0.8's LoraLoaderModelOnly applies every key of this naming
+    native: bool  # LoraLoaderModelOnly applies every key of this naming, on ComfyUI 0.8.0 and 0.14.1
 
 
 def _kohya(prefix, attr):
@@ -114,8 +132,25 @@ NAMINGS = {
                          False),
     "comfyui": Naming(True, _dotted("diffusion_model.", "comfy"), "lora_up.weight", "lora_down.weight", True, True),
     "comfyui-kohya": Naming(True, _kohya("lora_unet_", "comfy"), "lora_up.weight", "lora_down.weight", True, True),
+    "diffsynth": Naming(False, _dotted("", "diffusers"), "lora_B.default.weight", "lora_A.default.weight", False,
+                        False),
+    "videox-fun": Naming(False, _kohya("lora_unet__", "diffusers"), "lora_up.weight", "lora_down.weight", True,
+                         False),
+    "invokeai-peft": Naming(False, _dotted("base_model.model.transformer.", "diffusers"), "lora_B.weight",
+                            "lora_A.weight", False, False),
+    "invokeai-peft-comfyui": Naming(True, _dotted("base_model.model.transformer.", "comfy"), "lora_B.weight",
+                                    "lora_A.weight", False, False),
+    "invokeai-diffusion-model": Naming(False, _dotted("transformer.diffusion_model.", "diffusers"), "lora_up.weight",
+                                       "lora_down.weight", True, False),
+    "invokeai-diffusion-model-comfyui": Naming(True, _dotted("transformer.diffusion_model.", "comfy"),
+                                               "lora_up.weight", "lora_down.weight", True, False),
+    "invokeai-peft-diffusion-model": Naming(True, _dotted("base_model.model.transformer.diffusion_model.", "comfy"),
+                                            "lora_B.weight", "lora_A.weight", True, False),
 }
 NATIVE_FULL = [n for n, spec in NAMINGS.items() if spec.native]
+# namings native loads fully only on hosts whose Z-Image LoRA key map has (the module name it lacks before)
+NATIVE_SINCE = {"diffsynth": ("layers.0.attention.to_q", "diffusers' module names without a prefix "
+                                                        "(DiffSynth-Studio's) in its Z-Image LoRA key map")}
 
 
 @dataclass
@@ -387,9 +422,12 @@ def test_our_loader_applies_every_key(comfy, loras, base, naming, strength, capl
 
 
 @pytest.mark.parametrize("strength", [1.0, -1.0])
-@pytest.mark.parametrize("naming", NATIVE_FULL)
+@pytest.mark.parametrize("naming", NATIVE_FULL + list(NATIVE_SINCE))
 def test_native_loader_applies_every_key(comfy, loras, base, naming, strength, caplog):
     model, original = base
+    if naming in NATIVE_SINCE:
+        module, feature = NATIVE_SINCE[naming]
+        skip_unless_host_has(module in comfy["lora"].model_lora_keys_unet(model.model, {}), feature)
     lora = loras[naming]
     patched, missed = load_native(comfy, model, lora.name, strength, caplog)
     assert missed == set(), f"native LoraLoaderModelOnly did not load {sorted(missed)[:5]}"
