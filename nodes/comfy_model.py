@@ -20,6 +20,7 @@ import comfy.ops
 import comfy.supported_models
 
 from ..zimage import E4M3, E4M3_MAX, Fp8Linear, Ops, RMSNorm, Runner, S3DiT
+from .controlnet import control_patches, engine_hints, is_control_patch
 from .reference_images import REFERENCE_KEYS, omni_inputs, reference_conds
 
 
@@ -58,18 +59,22 @@ class ZImageModel(comfy.model_base.Lumina2):
         if "ref_latents" in kwargs:  # Omni: extra_conds' lists, batched by ComfyUI
             conds = {k: [t.to(x.device) for t in kwargs[k]] for k in ("ref_latents", "siglip_feats", "ref_contexts")}
             captions, references = omni_inputs(captions, conds)
-        v = self.runner(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions, references=references)
+        # the Fun ControlNet nodes' patches: the engine runs them (nodes/controlnet.py)
+        patches = control_patches(transformer_options)
+        control = engine_hints(patches, self.runner.cfg, x.shape, x.device) if patches else None
+        v = self.runner(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions, references=references,
+                        control=control)
         return self.model_sampling.calculate_denoised(sigma, v.float(), x)
 
 
 def unhonoured_in_forward(transformer_options: dict, control=None) -> list[str]:
     """What a sampler hands the diffusion model that the engine does not apply: block patches and replacements
-    (what ComfyUI's ControlNet model-patch nodes, ZImageFunControlnet and QwenImageDiffsynthControlnet, register),
-    wrappers around the diffusion model itself, and a classic ControlNet's residuals. Empty when there is none."""
+    other than the Fun ControlNets' (which the engine runs, nodes/controlnet.py), wrappers around the diffusion model
+    itself, and a classic ControlNet's residuals. Empty when there is none."""
     found = []
     for kind in ("patches", "patches_replace"):
         for name, entries in (transformer_options.get(kind) or {}).items():
-            if entries:
+            if any(not is_control_patch(entry) for entry in entries):
                 found.append(f"{kind}[{name!r}]")
     wrappers = (transformer_options.get("wrappers") or {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL) or {}
     found += [wrapper_name(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key)

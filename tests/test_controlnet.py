@@ -181,3 +181,88 @@ def test_a_fun_controlnet_file_loads_as_comfyuis_model_patch_loader_reads_it(com
                         transformer_options={"patches": {"noise_refiner": [patch], "double_block": [patch]}})
         got = Runner(model)(latents, torch.tensor([0.5]), list(context), control=[ControlHints(net, hint_latent, 1.0)])
     assert rel_err(got, expected) <= 1e-5
+
+
+# --- the native nodes on ZImageLoader's MODEL, sampled by KSampler, against the same on ComfyUI's own model -------
+
+class FakeVAE:
+    """A stand-in for the FLUX VAE's encode that the ControlNet nodes call: a deterministic 16-channel latent of the
+    image (8x8 cell means, repeated), the same for both models."""
+
+    def encode(self, image):
+        cells = torch.nn.functional.avg_pool2d(image.movedim(-1, 1), 8)  # [B, 3, H / 8, W / 8]
+        return cells.repeat(1, 6, 1, 1)[:, :16] * 2 - 1
+
+    def spacial_compression_encode(self):
+        return 8
+
+
+def comfy_native_model(main):
+    """ComfyUI's own Z-Image model (model_base.Lumina2 around NextDiT) with main's weights, as UNETLoader builds it
+    for the released size (its detection only knows width 3840, so the tiny shape is given here)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": CFG.dim,
+                   "cap_feat_dim": CFG.cap_feat_dim, "n_layers": CFG.n_layers, "n_refiner_layers": CFG.n_refiner_layers,
+                   "qk_norm": True, "n_heads": CFG.n_heads, "n_kv_heads": CFG.n_heads, "axes_dims": list(CFG.rope_axes),
+                   "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+                   "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
+    model_config = comfy.supported_models.ZImage(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(main.state_dict())
+    for module in model.diffusion_model.modules():
+        if type(module).__name__ == "RMSNorm" and module.eps is None:
+            module.eps = 1e-5
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def pack_model(zimage_pack, main):
+    import importlib
+
+    comfy_model = importlib.import_module(f"{zimage_pack.__name__}.nodes.comfy_model")
+    S3DiT_ = importlib.import_module(f"{zimage_pack.__name__}.zimage").S3DiT
+    network = S3DiT_(CFG, ops=comfy_model.comfy_ops(None, torch.float32)).eval()
+    network.load_state_dict(convert_state_dict(main.state_dict()))
+    return comfy_model.comfy_model(network)
+
+
+def sample_with_control(model, node: str, control, image, mask=None):
+    import importlib
+
+    import comfy.model_patcher
+    import nodes as comfy_nodes
+
+    native = importlib.import_module("comfy_extras.nodes_model_patch").NODE_CLASS_MAPPINGS
+    aura = importlib.import_module("comfy_extras.nodes_model_advanced").NODE_CLASS_MAPPINGS["ModelSamplingAuraFlow"]
+    cpu = torch.device("cpu")
+    model_patch = comfy.model_patcher.ModelPatcher(control, load_device=cpu, offload_device=cpu)
+    extra = {"inpaint_image": image, "mask": mask} if mask is not None else {}
+    (patched,) = native[node]().diffsynth_controlnet(model, model_patch, FakeVAE(), image=image, strength=0.8, **extra)
+    (patched,) = aura().patch_aura(patched, 3.0)
+    g = torch.Generator().manual_seed(3)
+    positive = [[torch.randn(1, 12, CFG.cap_feat_dim, generator=g), {}]]
+    return comfy_nodes.common_ksampler(patched, 4, 4, 1.0, "euler", "simple", positive, positive,
+                                       {"samples": torch.zeros(1, 16, 8, 8)})[0]["samples"]
+
+
+@pytest.mark.parametrize("version, node, inpaint", [
+    ("1.0", "QwenImageDiffsynthControlnet", False),
+    ("2.0", "ZImageFunControlnet", True),
+    ("2.1-lite", "ZImageFunControlnet", False),
+])
+def test_native_controlnet_nodes_on_the_packs_model_sample_what_comfyuis_model_samples(
+        comfyui_path, zimage_pack, version, node, inpaint):
+    """The official template's wiring (ModelPatchLoader's module, the Fun ControlNet node, KSampler) on ZImageLoader's
+    MODEL gives ComfyUI's own model's latent: the engine runs the patch the node registers."""
+    main, control = native_models(comfyui_path, version)
+    g = torch.Generator().manual_seed(9)
+    image = torch.rand(1, 64, 64, 3, generator=g)
+    mask = (torch.rand(1, 64, 64, generator=g) > 0.5).float() if inpaint else None
+    ours = sample_with_control(pack_model(zimage_pack, main), node, control, image, mask)
+    theirs = sample_with_control(comfy_native_model(main), node, control, image, mask)
+    plain = sample_with_control(pack_model(zimage_pack, main), node, control, image * 0 + 0.5, mask)
+    assert rel_err(ours, theirs) <= 1e-4
+    assert rel_err(ours, plain) > 1e-3  # the control image steers the result

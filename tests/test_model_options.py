@@ -1,11 +1,10 @@
 """What a MODEL or a widget carries that the engine cannot honour is refused by name, never silently dropped.
 
 ComfyUI nodes between the loader and the sampler change a MODEL by adding options to its ModelPatcher: block
-patches (the ControlNet model-patch nodes ZImageFunControlnet and QwenImageDiffsynthControlnet register
-`noise_refiner` and `double_block` patches), block replacements, wrappers, CFG functions, a replaced model
-sampling. The engine runs none of the block-level ones and ZImageSampler none of the sampler-level ones; a
-sampler that met them would return an image as if they were not there. Both samplers refuse them instead,
-and NaN widget values (an API prompt can carry NaN) are refused by name.
+patches, block replacements, wrappers, CFG functions, a replaced model sampling. Apart from the Fun ControlNets'
+patches, which the engine runs (tests/test_controlnet.py), the engine runs none of the block-level ones and
+ZImageSampler none of the sampler-level ones; a sampler that met them would return an image as if they were not
+there. Both samplers refuse them instead, and NaN widget values (an API prompt can carry NaN) are refused by name.
 """
 
 from __future__ import annotations
@@ -123,35 +122,6 @@ def test_block_patches_are_refused_by_both_samplers(host, model, add, sampler):
     assert fn.calls == 0
     # the model without them samples as before: the refusal is about the patch, not the model
     assert torch.isfinite(ksample(host, model) if sampler == "KSampler" else zsample(host, model)).all()
-
-
-class FakeVAE:
-    """Just enough VAE for the ControlNet nodes to build their patch: a FLUX-shaped latent of zeros."""
-
-    def encode(self, image):
-        return torch.zeros(image.shape[0], 16, image.shape[1] // 8, image.shape[2] // 8)
-
-    def spacial_compression_encode(self):
-        return 8
-
-
-@pytest.mark.parametrize("node", ["QwenImageDiffsynthControlnet", "ZImageFunControlnet"])
-@pytest.mark.parametrize("sampler", ["KSampler", "ZImageSampler"])
-def test_native_controlnet_nodes_are_refused_until_the_engine_runs_them(host, model, node, sampler):
-    """The native Z-Image Fun ControlNet nodes applied to ZImageLoader's MODEL: a clear refusal, not an image that
-    ignores the control."""
-    from comfy.ldm.lumina.controlnet import ZImage_Control
-    import comfy.ops
-
-    control = ZImage_Control(dim=CFG.dim, n_heads=CFG.n_heads, n_kv_heads=CFG.n_heads, n_control_layers=2,
-                             operations=comfy.ops.manual_cast)
-    patch = host["model_patcher"].ModelPatcher(control, load_device=torch.device("cpu"),
-                                               offload_device=torch.device("cpu"))
-    image = torch.rand(1, 64, 64, 3)
-    apply = host["native"][node]()
-    (patched,) = apply.diffsynth_controlnet(model, patch, FakeVAE(), image=image, strength=1.0)
-    with pytest.raises(ValueError, match=r"patches\['double_block'\].*does not apply"):
-        ksample(host, patched) if sampler == "KSampler" else zsample(host, patched)
 
 
 def test_zimage_sampler_refuses_sampler_options_that_ksampler_applies(host, model):
