@@ -29,6 +29,9 @@ these names for Z-Image ("DiffSynth lora format" in comfy/lora.py); diffusers' Z
 Z-Image conversions (and diffusers' tests) read it. InvokeAI's Z-Image LoRA conversion strips
 base_model.model.transformer.[diffusion_model.] and transformer.diffusion_model. before the module name.
 
+LyCORIS LoHa (.hada_w1_a / .hada_w1_b / .hada_w2_a / .hada_w2_b / .alpha) and LoKr (.lokr_w1 / .lokr_w2_a /
+.lokr_w2_b / .alpha) files are written with each naming's module names too.
+
 The expected weights are computed here, from the tensors written to the files:
     W' = W + strength * (alpha / rank) * (up @ down)          (alpha / rank = 1 where the file has no alpha)
 on the whole weight, or on rows [j * dim, (j + 1) * dim) of qkv for q, k, v (j = 0, 1, 2).
@@ -64,7 +67,8 @@ RANK = 4
 MODEL_SEED = 0
 NOT_LOADED = "lora key not loaded"
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A.default.weight", ".lora_B.default.weight",
-                 ".lora_down.weight", ".lora_up.weight", ".alpha")
+                 ".lora_down.weight", ".lora_up.weight", ".alpha", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a",
+                 ".hada_w2_b", ".lokr_w1", ".lokr_w2_a", ".lokr_w2_b")
 
 
 # --- what a LoRA can target: ComfyUI weight name, rows of it, and the diffusers module name ---------------
@@ -212,9 +216,9 @@ def make_lora(naming: str, seed: int) -> tuple[dict[str, torch.Tensor], list[Ent
     return sd, entries
 
 
-# LyCORIS modules for a few targets (a row slice of qkv among them), in kohya naming as LyCORIS saves them
-LYCORIS_TARGETS = [t for t in all_targets(CFG, fused=False) if t.comfy in (
-    "layers.0.attention.qkv", "layers.1.feed_forward.w1", "layers.1.attention.out", "context_refiner.0.feed_forward.w2")]
+# the weights LyCORIS test files target: q, k, v as row slices of qkv in the namings with diffusers' names
+LYCORIS_MODULES = ("layers.0.attention.qkv", "layers.1.feed_forward.w1", "layers.1.attention.out",
+                   "context_refiner.0.feed_forward.w2")
 BROKEN = Target("layers.0.feed_forward.w1", None, "layers.0.feed_forward.w1")  # [ffn_hidden, dim]: not square
 
 
@@ -271,12 +275,15 @@ def lycoris_module(kind: str, out_features: int, in_features: int, g, broken: bo
     return t, None if d is None else alpha / RANK * d
 
 
-def make_lycoris(kind: str, seed: int, broken: Target | None = None):
-    """A file of `kind` modules on LYCORIS_TARGETS (+ `broken`, spoilt), and its entries for expected_state."""
+def make_lycoris(kind: str, seed: int, broken: Target | None = None, naming: str = "kohya-musubi"):
+    """A file of `kind` modules on LYCORIS_MODULES (+ `broken`, spoilt) with `naming`'s module names (by default
+    kohya's, as LyCORIS saves them), and its entries for expected_state."""
+    spec = NAMINGS[naming]
     g = torch.Generator().manual_seed(seed)
     sd, entries = {}, []
-    for target in LYCORIS_TARGETS + ([broken] if broken else []):
-        module = NAMINGS["kohya-musubi"].module(target)
+    targets = [t for t in all_targets(CFG, spec.fused) if t.comfy in LYCORIS_MODULES]
+    for target in targets + ([broken] if broken else []):
+        module = spec.module(target)
         tensors, change = lycoris_module(kind, *target_shape(target), g, broken=target is broken)
         sd.update({f"{module}.{suffix}": v for suffix, v in tensors.items()})
         entries.append(LycorisEntry(module, target, change))
@@ -365,6 +372,18 @@ def load_native(comfy, model, name, strength, caplog) -> tuple[object, set[str]]
     return out, {module_of(k) for k in not_loaded(caplog)}
 
 
+def native_gap(comfy, model, original, name, entries, caplog) -> set[str]:
+    """The modules of `entries` that native LoraLoaderModelOnly leaves out of the file `name` (printed, not failed
+    on); what it does apply must merge as `entries` define it (no mis-mapping)."""
+    patched, missed = load_native(comfy, model, name, 1.0, caplog)
+    assert missed <= {e.module for e in entries}
+    assert_merged(patched, original, [e for e in entries if e.module not in missed], 1.0)
+    if missed:
+        print(f"\n[native gap] {name}: LoraLoaderModelOnly skips {len(missed)} of {len(entries)} modules, "
+              f"e.g. {sorted(missed)[:3]}")
+    return missed
+
+
 def expected_state(original: dict, entries: list[Entry], strength: float) -> dict[str, torch.Tensor]:
     """The state dict after merging `entries` at `strength`, computed in float64 from the file's tensors."""
     out = {k: v.double() for k, v in original.items()}
@@ -440,15 +459,9 @@ def test_native_gap_is_filled_by_our_loader(comfy, loras, base, naming, caplog):
     loader applies all of it (test_our_loader_applies_every_key). Native's gap is reported, not failed on."""
     model, original = base
     lora = loras[naming]
-    patched, missed = load_native(comfy, model, lora.name, 1.0, caplog)
-    assert missed <= {e.module for e in lora.entries}
-    applied = [e for e in lora.entries if e.module not in missed]
-    assert_merged(patched, original, applied, 1.0)
+    native_gap(comfy, model, original, lora.name, lora.entries, caplog)
     ours = load_ours(comfy, model, lora.name, 1.0, caplog)
     assert sum(len(p) for p in ours.patches.values()) == len(lora.entries)
-    if missed:
-        print(f"\n[native gap] {naming}: LoraLoaderModelOnly skips {len(missed)} of {len(lora.entries)} modules, "
-              f"e.g. {sorted(missed)[:3]}")
 
 
 @pytest.mark.parametrize("loader", ["ours", "native"])
@@ -527,14 +540,29 @@ def test_lora_of_another_size_is_refused(comfy, loras, base, caplog):
 
 @pytest.mark.parametrize("strength", [1.0, -0.5])
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
-def test_lycoris_files_apply_every_key(comfy, base, kind, strength, caplog):
-    """LoHa and LoKr (LyCORIS) files land as their formats define them, on whole weights and on qkv's rows."""
+@pytest.mark.parametrize("naming", list(NAMINGS))
+def test_lycoris_files_apply_every_key(comfy, base, naming, kind, strength, caplog):
+    """LoHa and LoKr (LyCORIS) files, their modules named as in each LoRA naming, land as their formats define
+    them, on whole weights and on qkv's rows."""
     model, original = base
-    sd, entries = make_lycoris(kind, 300)
-    name = write_lora(comfy, sd, f"zimage-test-{kind}.safetensors")
+    sd, entries = make_lycoris(kind, 300, naming=naming)
+    name = write_lora(comfy, sd, f"zimage-test-{kind}-{naming}.safetensors")
     patched = load_ours(comfy, model, name, strength, caplog)
     assert sum(len(p) for p in patched.patches.values()) == len(entries)
     assert_merged(patched, original, entries, strength)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@pytest.mark.parametrize("naming", list(NAMINGS))
+def test_native_loader_on_lycoris_files(comfy, base, naming, kind, caplog):
+    """What LoraLoaderModelOnly makes of LoHa and LoKr in each naming: every module in the namings whose module
+    names it knows (NATIVE_FULL), and only right merges in the others."""
+    model, original = base
+    sd, entries = make_lycoris(kind, 300, naming=naming)
+    name = write_lora(comfy, sd, f"zimage-test-{kind}-{naming}-native.safetensors")
+    missed = native_gap(comfy, model, original, name, entries, caplog)
+    if NAMINGS[naming].native:
+        assert missed == set()
 
 
 def test_oft_with_a_norm_constraint_loads_and_rotates_each_block(comfy, base, caplog):
