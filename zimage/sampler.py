@@ -1,10 +1,16 @@
-"""Flow-matching sampling: shifted sigma schedule, Euler steps, classifier-free guidance.
+"""Flow-matching sampling: shifted sigma schedule, Euler or multistep steps, classifier-free guidance, masks.
 
-x_sigma = sigma * noise + (1 - sigma) * x0, and the model returns v = noise - x0, so each Euler step is
-x <- x + (sigma_next - sigma) * v. Guidance follows the official Z-Image pipelines:
+x_sigma = sigma * noise + (1 - sigma) * x0, and the model returns v = noise - x0, so its clean prediction at x is
+x0_hat = x - sigma * v. Guidance follows the official Z-Image pipelines:
     v = v_pos + guidance * (v_pos - v_neg)        (guidance 0: no negative pass; ComfyUI's cfg = guidance + 1)
     cfg_normalization k > 0: |v| is capped at k * |v_pos| per sample
     cfg_truncation c: guidance is switched off once 1 - sigma > c
+Steps, from sigma to sigma_next (SAMPLERS):
+    euler: along the straight line through x and x0_hat: x <- x + (sigma_next - sigma) * (x - x0_hat) / sigma
+    res_multistep: an exponential-integrator step in log sigma, x <- a x + (1 - a) x0_hat with a = sigma_next / sigma,
+        plus a second-order term from the previous step's prediction (see _res_multistep_step). Its first step and
+        a step to sigma 0 are Euler steps. The same steps as ComfyUI's samplers of those names, on the same sigmas.
+A mask (inpainting) keeps part of a given latent: see sample().
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ PRESETS = {
     "base": Preset(steps=50, shift=3.0, guidance=4.0),
 }
 
+SAMPLERS = ("euler", "res_multistep")
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, predicted x0, x after the step)
 
 
@@ -60,11 +67,60 @@ def flow_sigmas(steps: int, shift: float, denoise: float = 1.0) -> list[float]:
     return sigmas[-(steps + 1):].tolist()
 
 
-def make_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+def make_noise(seed: int, shape: tuple[int, ...], indices: list[int] | None = None) -> torch.Tensor:
     """Gaussian noise from a CPU generator: the same numbers whatever device samples (and the same as
-    ComfyUI's KSampler draws for that seed and latent shape)."""
+    ComfyUI's KSampler draws for that seed and latent shape).
+
+    indices: for a batch that holds some entries of a larger one (ComfyUI's batch_index), the entries' numbers
+    in that batch, one per entry of `shape`'s batch: entry k gets the noise of entry indices[k], where entry j's
+    noise is the (j + 1)-th single-entry draw from the seed. Repeats are allowed; the order is kept.
+    """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+    if indices is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+    indices = list(indices)
+    if len(indices) != shape[0] or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                           for i in indices):
+        raise ValueError(f"indices must be {shape[0]} whole numbers >= 0, one per batch entry; got {indices}")
+    draws = [torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32, device="cpu")
+             for _ in range(max(indices) + 1)]
+    return torch.cat([draws[i] for i in indices])
+
+
+def check_sigmas(sigmas: list[float]) -> None:
+    """What every step needs of a schedule: at least two finite sigmas, strictly decreasing, none below 0."""
+    if len(sigmas) < 2:
+        raise ValueError(f"need at least 2 sigmas (one step), got {len(sigmas)}")
+    if not all(math.isfinite(s) for s in sigmas) or sigmas[-1] < 0 or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"sigmas must be finite, strictly decreasing and not below 0, got {sigmas}")
+
+
+def check_mask(mask: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor | None) -> None:
+    """A mask the sampler can apply as given: 4-D, the noise's height and width, a batch of 1 or the noise's,
+    1 or the noise's channels, finite values in [0, 1], and a latent for it to keep."""
+    if latent is None:
+        raise ValueError("a mask keeps part of a latent: pass the latent (the image being inpainted)")
+    batch, channels, height, width = noise.shape
+    if (mask.ndim != 4 or mask.shape[2:] != noise.shape[2:] or mask.shape[0] not in (1, batch)
+            or mask.shape[1] not in (1, channels)):
+        raise ValueError(f"the mask is {list(mask.shape)}; for noise {list(noise.shape)} it must be "
+                         f"[1 or {batch}, 1 or {channels}, {height}, {width}] (resize it to the latent first)")
+    if not bool(torch.isfinite(mask).all()) or mask.min() < 0 or mask.max() > 1:
+        raise ValueError(f"the mask's values must be finite and in [0, 1] (1 samples, 0 keeps the latent); they "
+                         f"range over [{mask.min().item()}, {mask.max().item()}]")
+
+
+def _res_multistep_step(x, x0, previous_x0, sigma_prev, sigma, sigma_next):
+    """One step of the second-order multistep exponential integrator (res_multistep) in x0-prediction form.
+
+    In log sigma, with h = log(sigma / sigma_next), the first-order step is x <- a x + (1 - a) x0 where
+    a = sigma_next / sigma = exp(-h). The prediction is taken as linear in log sigma through the previous step's
+    (at sigma_prev, r = log(sigma_prev / sigma) / h step sizes back) and this one's; integrating that line
+    exactly adds (1 - (1 - a) / h) / r * (x0 - previous_x0)."""
+    a = sigma_next / sigma
+    h = math.log(sigma / sigma_next)
+    r = math.log(sigma_prev / sigma) / h
+    return a * x + (1 - a) * x0 + ((1 - (1 - a) / h) / r) * (x0 - previous_x0)
 
 
 @torch.no_grad()
@@ -81,22 +137,36 @@ def sample(
     callback: StepCallback | None = None,
     device: torch.device | str | None = None,
     references: list[list[Reference]] | None = None,
+    mask: torch.Tensor | None = None,
+    sampler: str = "euler",
 ) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1] and return the final latents (float32, on `device`).
 
     model: a Runner (runner.py), or an S3DiT, which then runs as it is (Runner(model)).
 
     noise, latent: [B, C, H, W]; latent is the clean starting image for img2img (None: empty).
+    sigmas: strictly decreasing, from at most 1 down to (usually) 0; flow_sigmas() makes them.
     positive, negative: B caption feature tensors each, [L_i, cap_feat_dim] (with references, B lists of chunks).
     device: where to compute; default the model's. A host that offloads part of the weights (ComfyUI's
     lowvram) names its compute device here, since the model's first weight may sit elsewhere.
     references: Omni-Base / Edit: per sample, its clean reference images, given to every evaluation (the
     negative pass too) and never integrated; positive and negative captions are then lists of chunks.
+    mask: inpainting. Where to sample, per latent value: [1 or B, 1 or C, H, W], values in [0, 1]; 1 samples, 0
+    keeps `latent` (which is then required), values between blend the two. Before each evaluation the kept part
+    of x is set to where `latent` lies at that sigma on its straight path to `noise` (sigma * noise +
+    (1 - sigma) * latent), and the kept part of the clean prediction is `latent` itself, so the steps end on
+    `latent` there; the rest is sampled with the whole image in view.
+    sampler: one of SAMPLERS (the module docstring gives their steps).
     """
     for name, value in (("guidance", guidance), ("cfg_normalization", cfg_normalization),
                         ("cfg_truncation", cfg_truncation)):
         if not math.isfinite(value):  # a NaN guidance or truncation would silently turn guidance off
             raise ValueError(f"{name} must be a finite number, got {value}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_sigmas(sigmas)
+    if mask is not None:
+        check_mask(mask, noise, latent)
     if not isinstance(model, Runner):
         model = Runner(model)
     if guidance > 0 and negative is None:
@@ -105,9 +175,14 @@ def sample(
         raise ValueError(f"need {noise.shape[0]} captions per side for a batch of {noise.shape[0]}")
     device = torch.device(device) if device is not None else model.device
     batch = noise.shape[0]
-    x = noise.to(device=device, dtype=torch.float32) * sigmas[0]
+    noise = noise.to(device=device, dtype=torch.float32)
+    if latent is not None:
+        latent = latent.to(device=device, dtype=torch.float32)
+    x = noise * sigmas[0]
     if latent is not None and sigmas[0] < 1.0:
-        x = x + (1.0 - sigmas[0]) * latent.to(device=device, dtype=torch.float32)
+        x = x + (1.0 - sigmas[0]) * latent
+    if mask is not None:
+        mask = mask.to(device=device, dtype=torch.float32)
 
     def to_device(caption):  # a tensor, or with references a list of chunk tensors
         return [c.to(device) for c in caption] if isinstance(caption, (list, tuple)) else caption.to(device)
@@ -118,22 +193,33 @@ def sample(
         references = [[r.to(device) for r in refs] for refs in references]
     references_both = references + references if references is not None else None  # the guided batch's
 
+    def velocity(x_in, sigma):
+        if guidance > 0 and (1.0 - sigma) <= cfg_truncation:
+            v_pos, v_neg = model(torch.cat((x_in, x_in)), torch.full((2 * batch,), sigma, device=device), both,
+                                 references=references_both).float().chunk(2)
+            v = v_pos + guidance * (v_pos - v_neg)
+            if cfg_normalization > 0:
+                dims = tuple(range(1, v.ndim))
+                limit = cfg_normalization * torch.linalg.vector_norm(v_pos, dim=dims, keepdim=True)
+                v = v * (limit / torch.linalg.vector_norm(v, dim=dims, keepdim=True)).clamp(max=1.0)
+            return v
+        return model(x_in, torch.full((batch,), sigma, device=device), positive, references=references).float()
+
+    def clean_prediction(x, sigma):
+        if mask is None:
+            return x - sigma * velocity(x, sigma)
+        x_in = mask * x + (1 - mask) * (sigma * noise + (1 - sigma) * latent)
+        return mask * (x_in - sigma * velocity(x_in, sigma)) + (1 - mask) * latent
+
+    previous = None  # (sigma, clean prediction) of the step before, for the multistep sampler
     try:
         for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-            guided = guidance > 0 and (1.0 - sigma) <= cfg_truncation
-            if guided:
-                v_pos, v_neg = model(torch.cat((x, x)), torch.full((2 * batch,), sigma, device=device), both,
-                                     references=references_both).float().chunk(2)
-                v = v_pos + guidance * (v_pos - v_neg)
-                if cfg_normalization > 0:
-                    dims = tuple(range(1, v.ndim))
-                    limit = cfg_normalization * torch.linalg.vector_norm(v_pos, dim=dims, keepdim=True)
-                    v = v * (limit / torch.linalg.vector_norm(v, dim=dims, keepdim=True)).clamp(max=1.0)
+            x0 = clean_prediction(x, sigma)
+            if sampler == "res_multistep" and previous is not None and sigma_next > 0:
+                x = _res_multistep_step(x, x0, previous[1], previous[0], sigma, sigma_next)
             else:
-                v = model(x, torch.full((batch,), sigma, device=device), positive, references=references).float()
-            if callback is not None:
-                x0 = x - sigma * v
-            x = x + (sigma_next - sigma) * v
+                x = x + (sigma_next - sigma) * ((x - x0) / sigma)
+            previous = (sigma, x0)
             if callback is not None:
                 callback(i, x0, x)
     finally:
