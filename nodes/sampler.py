@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import comfy.model_management as mm
 import latent_preview
 
 from ..zimage import PRESETS, flow_sigmas, make_noise, sample
+from ..zimage.sampler import SAMPLERS, check_mask
 from .checks import require_finite
 from .comfy_model import caption_features, engine_of, refuse_unhonoured, unhonoured_in_forward, wrapper_name
 from .reference_images import omni_inputs, reference_conds
@@ -78,10 +80,46 @@ def conditioning_captions(conditioning, batch: int, width: int, what: str) -> li
     raise ValueError(f"the {what} conditioning has {len(captions)} prompts for a batch of {batch} latents")
 
 
+def latent_mask(noise_mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A LATENT's noise_mask (SetLatentNoiseMask, VAEEncodeForInpaint, InpaintModelConditioning: [H, W], [B, H, W]
+    or [B, 1, H, W], at pixel or latent size) -> the engine's mask for latents of `shape`: [B, 1, h, w], resized
+    bilinearly to the latent and repeated over the batch, as KSampler does. One mask serves every latent, or one
+    per latent; a batch of latents that is a whole number of repeats of the masks' batch gets them tiled (what
+    KSampler does); other counts are refused, as are masks of another layout."""
+    if not isinstance(noise_mask, torch.Tensor) or noise_mask.ndim not in (2, 3, 4) or (
+            noise_mask.ndim == 4 and noise_mask.shape[1] != 1) or 0 in noise_mask.shape:
+        layout = list(noise_mask.shape) if isinstance(noise_mask, torch.Tensor) else type(noise_mask).__name__
+        raise ValueError(f"ZImageSampler: the latent's noise_mask is {layout}; it must be a MASK: [height, width], "
+                         f"[batch, height, width] or [batch, 1, height, width]. Set it with SetLatentNoiseMask from a "
+                         f"MASK (LoadImage's mask output, or a mask node).")
+    masks = noise_mask.reshape(-1, 1, *noise_mask.shape[-2:]).float().cpu()
+    batch = shape[0]
+    if batch % masks.shape[0]:
+        raise ValueError(f"ZImageSampler: the latent's noise_mask holds {masks.shape[0]} masks for {batch} latents; "
+                         f"give one mask for all, or one per latent.")
+    masks = F.interpolate(masks, size=tuple(shape[2:]), mode="bilinear")
+    return masks.repeat(batch // masks.shape[0], 1, 1, 1)
+
+
+def batch_indices(latent: dict, batch: int) -> list[int] | None:
+    """A LATENT's batch_index (LatentFromBatch, RepeatLatentBatch, ...): which entries of the batch it came from its
+    latents are, so that each gets the noise KSampler gives that entry. None when it has none."""
+    indices = latent.get("batch_index")
+    if indices is None:
+        return None
+    indices = list(indices)
+    if len(indices) != batch or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+        raise ValueError(f"ZImageSampler: the latent's batch_index is {indices} for {batch} latents; it must hold one "
+                         f"whole number >= 0 per latent. Make the batch with LatentFromBatch or RepeatLatentBatch, "
+                         f"or drop the entry.")
+    return indices
+
+
 class ZImageSampler:
-    DESCRIPTION = ("Samples Z-Image with the engine's flow-matching Euler sampler, with the steps, cfg and shift its "
-                   "widgets show. Choosing a preset fills them in: turbo (the official recipe: 8 evaluations, shift 3, "
-                   "no CFG) or base (50 steps, CFG 4 with a negative prompt). Returns a LATENT for ComfyUI's VAEDecode.")
+    DESCRIPTION = ("Samples Z-Image with the engine's flow-matching sampler (euler or res_multistep), with the steps, "
+                   "cfg and shift its widgets show. Choosing a preset fills them in: turbo (the official recipe: 8 "
+                   "evaluations, shift 3, no CFG) or base (50 steps, CFG 4 with a negative prompt). Inpaints where the "
+                   "latent carries a noise mask, as KSampler does. Returns a LATENT for ComfyUI's VAEDecode.")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised latent; decode it with VAEDecode and the FLUX VAE.",)
@@ -94,7 +132,12 @@ class ZImageSampler:
                 "model": ("MODEL", {"tooltip": "A Z-Image model from ZImageLoader (LoRAs applied or not)."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt, from ZImageTextEncode or CLIPTextEncode."}),
                 "latent": ("LATENT", {"tooltip": "ZImageLatent for text-to-image, or VAEEncode of an image with "
-                                                 "denoise below 1 for image-to-image."}),
+                                                 "denoise below 1 for image-to-image. For inpainting, a latent with "
+                                                 "a noise mask (SetLatentNoiseMask, VAEEncodeForInpaint, "
+                                                 "InpaintModelConditioning): only the masked part is sampled, the "
+                                                 "rest stays the input's, as with KSampler (the mask is resized to the "
+                                                 "latent and repeated over the batch). A batch_index (LatentFromBatch) "
+                                                 "gives each latent the noise KSampler gives that batch entry."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Noise seed; draws the same noise as KSampler for the same latent."}),
                 "preset": (PRESET_CHOICES, {"default": "turbo", "presets": PRESET_WIDGETS, "tooltip":
@@ -121,11 +164,17 @@ class ZImageSampler:
             },
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt; needed when cfg > 0."}),
+                # optional and last: saved workflows store widget values by position and predate it; they load
+                # with the default, euler, which is what they ran with
+                "sampler": (list(SAMPLERS), {"default": "euler", "tooltip":
+                            "euler: first-order steps, as the official pipelines sample. res_multistep: a second-order "
+                            "multistep method (the official ComfyUI templates' choice), at the same cost of one "
+                            "evaluation per step. Each takes the same steps as KSampler's sampler of that name."}),
             },
         }
 
     def sample(self, model, positive, latent, seed, preset, steps, cfg, shift, denoise, cfg_normalization,
-               cfg_truncation, negative=None):
+               cfg_truncation, negative=None, sampler="euler"):
         transformer = engine_of(model)
         require_finite("ZImageSampler", cfg=cfg, shift=shift, denoise=denoise, cfg_normalization=cfg_normalization,
                        cfg_truncation=cfg_truncation)
@@ -137,6 +186,9 @@ class ZImageSampler:
         if samples.ndim != 4 or samples.shape[1] != transformer.cfg.in_channels:
             raise ValueError(f"ZImageSampler: the latent is {list(samples.shape)}; Z-Image needs 16-channel latents "
                              f"(ZImageLatent, or VAEEncode with the FLUX VAE ae.safetensors).")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"ZImageSampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)} "
+                             f"(use KSampler for ComfyUI's other samplers).")
         if samples.shape[2] % 2 or samples.shape[3] % 2:
             raise ValueError(f"ZImageSampler: the image is {samples.shape[3] * 8}x{samples.shape[2] * 8}; Z-Image needs "
                              f"sides that are multiples of 16. Resize or crop the image first.")
@@ -146,6 +198,13 @@ class ZImageSampler:
             raise ValueError("ZImageSampler: cfg > 0 needs the negative input (ZImageTextEncode's negative output; an "
                              "empty negative prompt is the usual choice).")
         batch, width = samples.shape[0], transformer.cfg.cap_feat_dim
+        noise = make_noise(seed, tuple(samples.shape), batch_indices(latent, batch))
+        mask = latent_mask(latent["noise_mask"], samples.shape) if latent.get("noise_mask") is not None else None
+        if mask is not None:
+            try:
+                check_mask(mask, noise, samples)
+            except ValueError as e:
+                raise ValueError(f"ZImageSampler: the latent's noise_mask: {e}") from None
         process_in = model.model.process_latent_in
         positive_caps, references = prompt_inputs(positive, batch, width, "positive", process_in)
         negative_caps = None
@@ -164,15 +223,18 @@ class ZImageSampler:
         evaluated = [batch * (2 if cfg > 0 else 1), *samples.shape[1:]]
         mm.load_models_gpu([model], memory_required=model.model.memory_required(evaluated),
                            minimum_memory_required=model.model.memory_required([batch, *samples.shape[1:]]))
-        start = model.model.process_latent_in(samples.float()) if denoise < 1 else None
+        start = None
+        if denoise < 1 or mask is not None:
+            # an all-zero latent is an empty one, used as it is (KSampler does not shift it either)
+            start = model.model.process_latent_in(samples.float()) if samples.any() else samples.float()
         preview = latent_preview.prepare_callback(model, steps)
 
         def on_step(step, x0, x):
             preview(step, x0, x, steps)
             mm.throw_exception_if_processing_interrupted()
 
-        out = sample(transformer, make_noise(seed, tuple(samples.shape)), sigmas, positive_caps, negative_caps,
-                     guidance=cfg, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
-                     latent=start, callback=on_step, device=model.load_device, references=references)
+        out = sample(transformer, noise, sigmas, positive_caps, negative_caps, guidance=cfg,
+                     cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, latent=start,
+                     callback=on_step, device=model.load_device, references=references, mask=mask, sampler=sampler)
         out = model.model.process_latent_out(out.to(mm.intermediate_device()))
         return ({**latent, "samples": out},)
