@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import threading
 import uuid
 
 import pytest
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 
 from comfy_host import load_workflow, shrink
 from helpers import randomize_
+import test_browser
 from zimage import ZImageConfig
 
 pytestmark = pytest.mark.host
@@ -177,6 +179,52 @@ def test_an_unknown_sampler_is_refused_with_the_choices(comfy_server):
     assert status == 400, body
     message = json.dumps(body["node_errors"]["6"])
     assert "dpmpp_2m_sde" in message and "res_multistep" in message
+
+
+def in_a_browser(server, path, node_count: int) -> tuple[dict, list[str]]:
+    """Opens a workflow file in the app as test_browser.py does; returns the prompt the app would queue and the
+    problems the page logged. In a thread of its own: test_browser.py's browser may be running in this one, and
+    one thread holds one Playwright."""
+    if test_browser.sync_playwright is None or not test_browser.os.access(test_browser.CHROMIUM, test_browser.os.X_OK):
+        pytest.skip("BROWSER TEST SKIPPED: playwright or chromium is missing (see tests/test_browser.py)")
+    status, body = server.request("/settings/Comfy.TutorialCompleted", True)
+    assert status == 200, body
+    result = {}
+
+    def run():
+        try:
+            with test_browser.sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=test_browser.CHROMIUM, args=test_browser.CHROMIUM_ARGS)
+                app = test_browser.AppPage(browser, server.url)
+                app.open_file(path, node_count)
+                result["queued"] = app.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+                result["problems"] = app.problems()
+                browser.close()
+        except BaseException as e:  # raised again in the test's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["queued"], result["problems"]
+
+
+def test_a_workflow_saved_before_the_sampler_widget_opens_with_euler(comfy_server, tmp_path):
+    """UI files store widget values by position. The sampler widget is optional and last, so a file saved before it
+    existed opens in the app with every value where it was and the sampler at its default, euler, which is what
+    it ran with."""
+    workflow = load_workflow("zimage_turbo_t2i.json")
+    (node,) = [n for n in workflow["nodes"] if n["type"] == "ZImageSampler"]
+    assert node["widgets_values"].pop() == "euler" and node["inputs"].pop()["name"] == "sampler"
+    path = tmp_path / "zimage_saved_before_sampler.json"
+    path.write_text(json.dumps(workflow))
+    queued, problems = in_a_browser(comfy_server, path, len(workflow["nodes"]))
+    twin = load_workflow("zimage_turbo_t2i.api.json")
+    assert twin[str(node["id"])]["inputs"]["sampler"] == "euler"
+    assert {i: n["inputs"] for i, n in queued.items()} == {i: n["inputs"] for i, n in twin.items()}
+    assert not problems, problems
 
 
 # --- in-process: the node and KSampler on a tiny float32 model -------------------------------------------------
