@@ -2,14 +2,17 @@
 
 ComfyUI's own key map covers the native names. The diffusers names (to_q, to_k, to_v land on slices of the fused
 qkv), under every prefix trainers write and in kohya style (Musubi Tuner: lora_unet_layers_0_attention_to_q),
-come from the engine's one table of names (zimage.source_keys), which also loads the diffusers files. Patches go through ComfyUI's ModelPatcher, which merges them into the
-weights once when the model is loaded, not at every step. ComfyUI skips a key that matches no weight, or a
-patch it cannot compute, with a log line; here either is an error naming it (_MissedKeys, _misfits).
+come from the engine's one table of names (zimage.source_keys), which also loads the diffusers files. A file's
+text-encoder (Qwen3) keys cannot apply to a MODEL: they are set aside and named, with the advice to load them
+onto the CLIP; a file of nothing else is refused. Patches go through ComfyUI's ModelPatcher, which merges them
+into the weights once when the model is loaded, not at every step. ComfyUI skips a key that matches no weight,
+or a patch it cannot compute, with a log line; here either is an error naming it (_MissedKeys, _misfits).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 import torch
@@ -34,6 +37,16 @@ DOTTED_PREFIXES = ("", "diffusion_model.", "transformer.", "base_model.model.", 
 # ... and in front of the name with "_" for ".": kohya / Musubi Tuner, OneTrainer, and VideoX-Fun's distilled
 # Z-Image LoRAs (lora_unet__layers_0_attention_to_q, as InvokeAI and diffusers read them)
 FLAT_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_unet__")
+
+# Keys of a text-encoder (Qwen3) part that some files carry beside the transformer's: under a text-encoder
+# prefix (kohya's lora_te_ / lora_te1_, diffusers' text_encoder., PEFT's base_model.model.text_encoder. as InvokeAI
+# reads it, ComfyUI's text_encoders., te. / te1.), or with Qwen3's own module names under any prefix or none
+# (DiffSynth-Studio's: model.layers.0.self_attn.q_proj). No transformer module has such a name
+# (test_no_transformer_module_is_taken_for_the_text_encoder), so no transformer key is set aside by mistake.
+TEXT_ENCODER_KEY = re.compile(r"^(lora_te\d*_|text_encoders?(_\d+)?\.|te\d*\.|base_model\.model\.text_encoder\.)"
+                              r"|(^|[._])(layers[._]\d+[._](self_attn|mlp)|embed_tokens)[._]")
+# how ComfyUI names Z-Image's text encoder in a LoRA: the only naming its LoraLoader applies to that CLIP
+COMFY_TEXT_ENCODER_PREFIX = "text_encoders.qwen3_4b.transformer."
 
 
 def zimage_lora_key_map(model_patcher) -> dict:
@@ -179,8 +192,23 @@ def _misfits(model_patcher, patches: dict) -> list[str]:
     return misfits
 
 
+def _text_encoder_advice(keys: list[str]) -> str:
+    """What to do with a LoRA's text-encoder keys, which a MODEL cannot take."""
+    examples = keys[:: -(-len(keys) // 3)]  # three from across the sorted keys: not one module's three tensors
+    advice = (f"{len(keys)} of its keys are for a text encoder, not the transformer (e.g. "
+              f"{', '.join(examples)}), and this node changes only the model: apply them to the CLIP with a CLIP "
+              f"LoRA loader, such as ComfyUI's LoraLoader on the CLIP with strength_model 0")
+    others = [k for k in keys if not k.startswith(COMFY_TEXT_ENCODER_PREFIX)]
+    if others:
+        # ComfyUI's LoraLoader would skip these with a log line each: the advice alone would lose them silently
+        advice += (f"; that one takes them only in ComfyUI's naming ({COMFY_TEXT_ENCODER_PREFIX}model.layers.N...) "
+                   f"and would skip the {len(others)} named otherwise")
+    return advice + "."
+
+
 def apply_lora(model_patcher, lora_sd: dict, strength: float):
-    """A clone of model_patcher with the LoRA's patches added; raises if any LoRA key would be ignored."""
+    """A clone of model_patcher with the LoRA's transformer patches added, and notes for the user (on its
+    text-encoder part, which is not applied); raises if any other LoRA key would be ignored."""
     # one NaN or infinity in a patch spreads through the merged weight to every pixel: a black image, and no error
     non_finite = [k for k, v in lora_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if non_finite:
@@ -188,7 +216,12 @@ def apply_lora(model_patcher, lora_sd: dict, strength: float):
                          f"{', '.join(non_finite[:3])}); merged, they would make every image black. The file is "
                          f"damaged, or was saved from a training run that diverged: re-download it, or use an "
                          f"earlier checkpoint of the training.")
-    lora_sd = comfy.lora_convert.convert_lora(lora_sd)
+    text_encoder = sorted(k for k in lora_sd if TEXT_ENCODER_KEY.search(k))
+    transformer = {k: v for k, v in lora_sd.items() if not TEXT_ENCODER_KEY.search(k)}
+    if text_encoder and not transformer:
+        raise ValueError("this LoRA holds no weights for the Z-Image transformer: "
+                         + _text_encoder_advice(text_encoder))
+    lora_sd = comfy.lora_convert.convert_lora(transformer)
     missed = _MissedKeys()
     root = logging.getLogger()
     root.addHandler(missed)
@@ -211,13 +244,16 @@ def apply_lora(model_patcher, lora_sd: dict, strength: float):
     unapplied = [k if isinstance(k, str) else k[0] for k in patches if k not in applied]
     if unapplied:
         raise ValueError(f"{len(unapplied)} LoRA patches found no weight in the model: {', '.join(unapplied[:3])}")
-    return patched
+    if not text_encoder:
+        return patched, []
+    return patched, [f"applied its transformer part ({len(patches)} modules); " + _text_encoder_advice(text_encoder)]
 
 
 class ZImageLoraLoader:
-    DESCRIPTION = ("Applies a Z-Image LoRA (ai-toolkit / diffusers PEFT, kohya / Musubi Tuner, or ComfyUI naming; "
-                   "LyCORIS LoHa and LoKr too). Every key must land on a weight; weights are merged once at load, so "
-                   "sampling speed is unchanged.")
+    DESCRIPTION = ("Applies a Z-Image LoRA (ai-toolkit / diffusers PEFT, kohya / Musubi Tuner, OneTrainer, "
+                   "DiffSynth-Studio, InvokeAI or ComfyUI naming; LyCORIS LoHa and LoKr too). Every key must land on a "
+                   "weight; weights are merged once at load, so sampling speed is unchanged. A text-encoder part in "
+                   "the file is not applied here: the node says so and how to apply it to the CLIP.")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)  # as ZImageLoader's output, whose place it takes
@@ -237,7 +273,7 @@ class ZImageLoraLoader:
         engine_of(model)
         require_finite("ZImageLoraLoader", strength=strength)
         if strength == 0:
-            return (model,)
+            return {"ui": {"text": []}, "result": (model,)}
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         if not path.endswith((".safetensors", ".sft")):
             raise ValueError(f"{lora_name} is not a .safetensors file; pickled LoRAs are never opened.")
@@ -248,6 +284,10 @@ class ZImageLoraLoader:
             raise ValueError(f"ZImageLoraLoader: {e}") from None
         lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
         try:
-            return (apply_lora(model, lora_sd, strength),)
+            patched, notes = apply_lora(model, lora_sd, strength)
         except ValueError as e:
             raise ValueError(f"ZImageLoraLoader ({lora_name}): {e}") from None
+        notes = [f"ZImageLoraLoader ({lora_name}): {note}" for note in notes]
+        for note in notes:
+            logging.warning(note)
+        return {"ui": {"text": notes}, "result": (patched,)}

@@ -29,6 +29,13 @@ these names for Z-Image ("DiffSynth lora format" in comfy/lora.py); diffusers' Z
 Z-Image conversions (and diffusers' tests) read it. InvokeAI's Z-Image LoRA conversion strips
 base_model.model.transformer.[diffusion_model.] and transformer.diffusion_model. before the module name.
 
+Some files carry a text-encoder (Qwen3) part beside the transformer's, in the naming of the same trainer
+(TEXT_ENCODER_NAMINGS): lora_te_model_layers_0_self_attn_q_proj, lora_te1_layers_0_..., text_encoder.layers.0...,
+base_model.model.text_encoder.layers.0..., base_model.model.model.layers.0..., te.model.layers.0...,
+text_encoders.qwen3_4b.transformer.model.layers.0... (ComfyUI's), model.layers.0....lora_A.default.weight
+(DiffSynth-Studio's). The transformer part is applied and the node names the text-encoder part and where it goes
+(the CLIP); a file of nothing else is refused with that advice.
+
 LyCORIS LoHa (.hada_w1_a / .hada_w1_b / .hada_w2_a / .hada_w2_b / .alpha) and LoKr (.lokr_w1 / .lokr_w2_a /
 .lokr_w2_b / .alpha) files are written with each naming's module names too.
 
@@ -290,6 +297,75 @@ def make_lycoris(kind: str, seed: int, broken: Target | None = None, naming: str
     return sd, entries
 
 
+# --- text-encoder (Qwen3) parts, which some files carry beside the transformer's ------------------------------
+
+# modules of Qwen3's decoder layers as transformers' Qwen3Model names them (ComfyUI's and DiffSynth-Studio's
+# text encoders hold it as `model`)
+QWEN3_MODULES = [f"layers.{i}.{m}" for i in range(2) for m in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj")]
+
+
+@dataclass(frozen=True)
+class TextEncoderNaming:
+    module: Callable[[str], str]  # a QWEN3_MODULES name -> the file's module name
+    up: str
+    down: str
+    transformer: str  # the NAMINGS entry the same trainer writes the transformer's part in
+
+
+def _prefixed(prefix):
+    return lambda m: prefix + m
+
+
+TEXT_ENCODER_NAMINGS = {
+    # kohya sd-scripts' lora_te (its Anima network, whose text encoder is a Qwen3, names them so)
+    "kohya": TextEncoderNaming(lambda m: "lora_te_model_" + m.replace(".", "_"), "lora_up.weight",
+                               "lora_down.weight", "kohya-musubi"),
+    # OneTrainer's kohya-style files: lora_te1 for "text_encoder"
+    "onetrainer": TextEncoderNaming(lambda m: "lora_te1_" + m.replace(".", "_"), "lora_up.weight",
+                                    "lora_down.weight", "onetrainer"),
+    # diffusers' pipeline component name; InvokeAI reads it and base_model.model.text_encoder.
+    "diffusers": TextEncoderNaming(_prefixed("text_encoder."), "lora_B.weight", "lora_A.weight", "diffusers-peft"),
+    "invokeai": TextEncoderNaming(_prefixed("base_model.model.text_encoder."), "lora_B.weight", "lora_A.weight",
+                                  "invokeai-peft"),
+    # PEFT on a Qwen3ForCausalLM: Qwen3's names under base_model.model.model.
+    "peft-causal-lm": TextEncoderNaming(_prefixed("base_model.model.model."), "lora_B.weight", "lora_A.weight",
+                                        "peft-base-model"),
+    # ComfyUI's own: the naming its LoraLoader applies to Z-Image's CLIP
+    "comfyui": TextEncoderNaming(_prefixed("text_encoders.qwen3_4b.transformer.model."), "lora_up.weight",
+                                 "lora_down.weight", "comfyui"),
+    # te. / te1. (read as text-encoder prefixes by stable-diffusion.cpp and other LoRA tools)
+    "te": TextEncoderNaming(_prefixed("te.model."), "lora_B.weight", "lora_A.weight", "ai-toolkit"),
+    # DiffSynth-Studio's ZImageTextEncoder (a Qwen3Model as `model`) with PEFT adapters, saved unprefixed
+    "diffsynth": TextEncoderNaming(_prefixed("model."), "lora_B.default.weight", "lora_A.default.weight",
+                                   "diffsynth"),
+}
+
+
+def text_encoder_lora(naming: str, seed: int) -> dict[str, torch.Tensor]:
+    """Rank-4 LoRA tensors for QWEN3_MODULES in `naming` (with alpha where the naming has lora_up / lora_down).
+    Their sizes are not Qwen3-4B's: nothing here applies them."""
+    spec = TEXT_ENCODER_NAMINGS[naming]
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m in QWEN3_MODULES:
+        module = spec.module(m)
+        sd[f"{module}.{spec.up}"] = torch.randn(16, RANK, generator=g)
+        sd[f"{module}.{spec.down}"] = torch.randn(RANK, 16, generator=g)
+        if spec.up == "lora_up.weight":
+            sd[f"{module}.alpha"] = torch.tensor(float(RANK))
+    return sd
+
+
+def lora_with_text_encoder(comfy, naming: str, name: str) -> tuple[str, list[Entry], dict[str, torch.Tensor]]:
+    """A file with a transformer part and a text-encoder part, both named as `naming`'s trainer names them: its
+    name, the transformer part's entries, the text-encoder part's tensors."""
+    sd, entries = make_lora(TEXT_ENCODER_NAMINGS[naming].transformer, 400)
+    text_encoder = text_encoder_lora(naming, 401)
+    return write_lora(comfy, sd | text_encoder, name), entries, text_encoder
+
+
 # --- fixtures ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -356,12 +432,20 @@ def module_of(key: str) -> str:
     raise AssertionError(f"unexpected LoRA key {key}")
 
 
-def load_ours(comfy, model, name, strength, caplog):
+def run_ours(comfy, model, name, strength, caplog) -> tuple[object, list[str]]:
+    """ZImageLoraLoader as ComfyUI runs it: the MODEL, and the lines of text the node shows."""
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        out = comfy["pack_lora"].ZImageLoraLoader().load(model, name, strength)[0]
+        out = comfy["pack_lora"].ZImageLoraLoader().load(model, name, strength)
     assert not_loaded(caplog) == [], f"ZImageLoraLoader left keys unloaded: {not_loaded(caplog)[:5]}"
-    return out
+    return out["result"][0], out["ui"]["text"]
+
+
+def load_ours(comfy, model, name, strength, caplog):
+    """The MODEL from ZImageLoraLoader, for a file of transformer weights only: the node has nothing to say."""
+    patched, text = run_ours(comfy, model, name, strength, caplog)
+    assert text == []
+    return patched
 
 
 def load_native(comfy, model, name, strength, caplog) -> tuple[object, set[str]]:
@@ -372,15 +456,17 @@ def load_native(comfy, model, name, strength, caplog) -> tuple[object, set[str]]
     return out, {module_of(k) for k in not_loaded(caplog)}
 
 
-def native_gap(comfy, model, original, name, entries, caplog) -> set[str]:
-    """The modules of `entries` that native LoraLoaderModelOnly leaves out of the file `name` (printed, not failed
-    on); what it does apply must merge as `entries` define it (no mis-mapping)."""
+def native_gap(comfy, model, original, name, entries, caplog, others=frozenset()) -> set[str]:
+    """The modules of the file `name` that native LoraLoaderModelOnly leaves out: of `entries` (printed, not
+    failed on) or of `others` (the file's modules that are not the transformer's). What it does apply must merge
+    as `entries` define it (no mis-mapping)."""
     patched, missed = load_native(comfy, model, name, 1.0, caplog)
-    assert missed <= {e.module for e in entries}
-    assert_merged(patched, original, [e for e in entries if e.module not in missed], 1.0)
-    if missed:
-        print(f"\n[native gap] {name}: LoraLoaderModelOnly skips {len(missed)} of {len(entries)} modules, "
-              f"e.g. {sorted(missed)[:3]}")
+    gap = missed - others
+    assert gap <= {e.module for e in entries}
+    assert_merged(patched, original, [e for e in entries if e.module not in gap], 1.0)
+    if gap:
+        print(f"\n[native gap] {name}: LoraLoaderModelOnly skips {len(gap)} of {len(entries)} modules, "
+              f"e.g. {sorted(gap)[:3]}")
     return missed
 
 
@@ -563,6 +649,73 @@ def test_native_loader_on_lycoris_files(comfy, base, naming, kind, caplog):
     missed = native_gap(comfy, model, original, name, entries, caplog)
     if NAMINGS[naming].native:
         assert missed == set()
+
+
+@pytest.mark.parametrize("naming", list(TEXT_ENCODER_NAMINGS))
+def test_a_text_encoder_part_is_named_and_the_transformer_part_applied(comfy, base, naming, caplog):
+    """A file with a text-encoder part beside the transformer's: the transformer's lands as it would alone; the
+    node's text and the log say how many keys are the text encoder's, name a few, and where they go: the CLIP,
+    through a CLIP LoRA loader such as ComfyUI's LoraLoader, which takes them only in ComfyUI's naming."""
+    model, original = base
+    name, entries, text_encoder = lora_with_text_encoder(comfy, naming, f"zimage-test-with-te-{naming}.safetensors")
+    patched, text = run_ours(comfy, model, name, 1.0, caplog)
+    assert_merged(patched, original, entries, 1.0)
+    assert len(text) == 1, text
+    note = text[0]
+    assert note.startswith(f"ZImageLoraLoader ({name}): applied its transformer part ({len(entries)} modules); "
+                           f"{len(text_encoder)} of its keys are for a text encoder, not the transformer"), note
+    assert len({module_of(k) for k in text_encoder if k in note}) == 3, "three examples, of three modules"
+    assert "apply them to the CLIP with a CLIP LoRA loader, such as ComfyUI's LoraLoader on the CLIP" in note
+    assert ("text_encoders.qwen3_4b.transformer.model.layers.N" in note) == (naming != "comfyui"), note
+    assert [r.getMessage() for r in caplog.records] == [note], "the log must carry the note, and only it"
+
+
+@pytest.mark.parametrize("naming", list(TEXT_ENCODER_NAMINGS))
+def test_a_text_encoder_only_lora_is_refused_with_where_it_goes(comfy, base, naming):
+    model, _ = base
+    text_encoder = text_encoder_lora(naming, 402)
+    name = write_lora(comfy, text_encoder, f"zimage-test-te-only-{naming}.safetensors")
+    with pytest.raises(ValueError) as err:
+        comfy["pack_lora"].ZImageLoraLoader().load(model, name, 1.0)
+    message = str(err.value)
+    assert message.startswith(f"ZImageLoraLoader ({name}): this LoRA holds no weights for the Z-Image transformer: "
+                              f"{len(text_encoder)} of its keys are for a text encoder, not the transformer"), message
+    assert sum(k in message for k in text_encoder) == 3 and "ComfyUI's LoraLoader on the CLIP" in message
+
+
+def test_no_transformer_module_is_taken_for_the_text_encoder(comfy, base):
+    """The loader sets aside the keys that look like a text encoder's before it matches the rest to the
+    transformer: no module name it maps to the transformer may look so, or its weights would be dropped. Every
+    text-encoder naming here does."""
+    model, _ = base
+    pattern = comfy["pack_lora"].TEXT_ENCODER_KEY
+    key_map = comfy["pack_lora"].zimage_lora_key_map(model)
+    assert [m for m in key_map if pattern.search(m + ".lora_A.weight")] == []
+    assert all(pattern.search(k) for naming in TEXT_ENCODER_NAMINGS for k in text_encoder_lora(naming, 0))
+
+
+def test_comfyui_lora_loader_takes_text_encoder_keys_only_in_comfyui_naming(comfy):
+    """What the node's advice says of ComfyUI's LoraLoader, checked on this host: for Z-Image's CLIP (ComfyUI's
+    Qwen3-4B text encoder, built on the meta device) its key map holds the modules of ComfyUI's naming, and of
+    no other naming here."""
+    z_image = importlib.import_module("comfy.text_encoders.z_image")
+    with torch.device("meta"):
+        encoder = z_image.te()(device="meta", dtype=torch.bfloat16)
+    clip_keys = comfy["lora"].model_lora_keys_clip(encoder, {}).keys()
+    for naming, spec in TEXT_ENCODER_NAMINGS.items():
+        modules = {spec.module(m) for m in QWEN3_MODULES}
+        assert modules & clip_keys == (modules if naming == "comfyui" else set()), naming
+
+
+@pytest.mark.parametrize("naming", list(TEXT_ENCODER_NAMINGS))
+def test_native_model_loader_skips_the_text_encoder_part(comfy, base, naming, caplog):
+    """What LoraLoaderModelOnly makes of such a file: a 'lora key not loaded' line for each text-encoder key, and
+    the transformer part as it makes of it alone."""
+    model, original = base
+    name, entries, text_encoder = lora_with_text_encoder(comfy, naming,
+                                                         f"zimage-test-with-te-{naming}-native.safetensors")
+    modules = {module_of(k) for k in text_encoder}
+    assert modules <= native_gap(comfy, model, original, name, entries, caplog, others=modules)
 
 
 def test_oft_with_a_norm_constraint_loads_and_rotates_each_block(comfy, base, caplog):
