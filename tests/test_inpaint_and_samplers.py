@@ -196,9 +196,10 @@ def in_a_browser(server, path, node_count: int) -> tuple[dict, list[str]]:
             with test_browser.sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=test_browser.CHROMIUM, args=test_browser.CHROMIUM_ARGS)
                 app = test_browser.AppPage(browser, server.url)
+                since = len(app.log)  # console errors from here on (loading the app may meet other tests' prompts)
                 app.open_file(path, node_count)
                 result["queued"] = app.page.evaluate("async () => (await window.app.graphToPrompt()).output")
-                result["problems"] = app.problems()
+                result["problems"] = app.problems(since)
                 browser.close()
         except BaseException as e:  # raised again in the test's thread
             result["error"] = e
