@@ -48,8 +48,14 @@ def engine_net(module: torch.nn.Module, cfg: ZImageConfig) -> ControlNet:
                             refiner_control=module.refiner_control, broken=module.broken)
     with torch.device("meta"):
         net = ControlNet(cfg, control)
+    expected = dict(net.named_parameters())
     for name, param in module.named_parameters():
         engine_name, _, _ = engine_key(name)
+        if engine_name not in expected or expected[engine_name].shape != param.shape:
+            raise ValueError(f"this Fun ControlNet is for a Z-Image model of another shape: its {name} is "
+                             f"{list(param.shape)}, this model's is "
+                             f"{list(expected[engine_name].shape) if engine_name in expected else 'missing'}. Use the "
+                             f"ControlNet made for this model (Z-Image-Turbo's Fun ControlNet Union).")
         owner, _, attr = engine_name.rpartition(".")
         setattr(net.get_submodule(owner), attr, param)  # the same Parameter: where ComfyUI moves it, it is
     net.eval()

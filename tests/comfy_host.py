@@ -30,6 +30,7 @@ from zimage import S3DiT, ZImageConfig
 PACK_ROOT = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().parent / "comfy_shim" / "zimage_tiny_text_encoder.py"
 VISION_SHIM = SHIM.parent / "zimage_tiny_vision.py"
+CONTROL_SHIM = SHIM.parent / "zimage_tiny_controlnet.py"
 TINY_DIT = ZImageConfig.tiny(cap_feat_dim=32)
 TRANSFORMER_FILES = ("z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors")
 # Omni-Base / Edit: the tiny model with a SigLIP embedder as wide as the tiny vision encoder (the shim's)
@@ -37,6 +38,11 @@ TINY_OMNI = ZImageConfig.tiny(cap_feat_dim=32, siglip_feat_dim=24)
 OMNI_FILE = "z_image_edit_bf16.safetensors"
 VISION_FILE = "sigclip_vision_patch14_384.safetensors"
 NAFLEX_FILE = "siglip2_so400m_patch16_naflex.safetensors"  # written where the host has NaFlex (0.14 and later)
+# Fun ControlNets in models/model_patches: the name ComfyUI's official template loads (version 1.0's layout), and an
+# inpainting one (2.1 lite's: 3 control layers, 33 input channels, refiner hints)
+CONTROL_FILES = {"Z-Image-Turbo-Fun-Controlnet-Union.safetensors": dict(n_control_layers=6),
+                 "Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite.safetensors":
+                     dict(n_control_layers=3, in_channels=33, refiner_control=True)}
 
 
 def write_transformer(path: Path, seed: int = 0, cfg: ZImageConfig = TINY_DIT):
@@ -79,10 +85,19 @@ def write_vae(path: Path):
     save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, str(path))
 
 
+def write_controlnet(path: Path, seed: int, **control):
+    """A tiny Fun ControlNet for the tiny transformer, in the released files' names."""
+    from helpers import fun_file_format
+    from zimage import ControlConfig, ControlNet
+
+    net = randomize_(ControlNet(TINY_DIT, ControlConfig(**control)), seed)
+    save_file({k: v.to(torch.bfloat16) for k, v in fun_file_format(net.state_dict()).items()}, str(path))
+
+
 def build_base_directory(base: Path) -> Path:
     """A ComfyUI base directory: models, custom_nodes (this pack + the test shim), input, output."""
     models = base / "models"
-    for sub in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision"):
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision", "model_patches"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     for name in TRANSFORMER_FILES:
         write_transformer(models / "diffusion_models" / name)
@@ -92,10 +107,12 @@ def build_base_directory(base: Path) -> Path:
         write_vision_encoder(models / "clip_vision" / NAFLEX_FILE, naflex=True)
     write_text_encoder(models / "text_encoders" / "qwen_3_4b.safetensors")
     write_vae(models / "vae" / "ae.safetensors")
+    for seed, (name, control) in enumerate(CONTROL_FILES.items(), start=6):
+        write_controlnet(models / "model_patches" / name, seed, **control)
     custom_nodes = base / "custom_nodes"
     custom_nodes.mkdir(exist_ok=True)
     (custom_nodes / "comfyui-zimage").symlink_to(PACK_ROOT, target_is_directory=True)
-    for shim in (SHIM, VISION_SHIM):
+    for shim in (SHIM, VISION_SHIM, CONTROL_SHIM):
         shutil.copy(shim, custom_nodes / shim.name)
     (base / "input").mkdir(exist_ok=True)
     (base / "output").mkdir(exist_ok=True)

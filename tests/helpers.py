@@ -209,3 +209,21 @@ def comfy_header_spec(cfg: ZImageConfig, dtype: str = "BF16", prefix: str = "") 
         else:
             spec[prefix + name] = (dtype, shape)
     return spec
+
+
+def fun_file_format(state_dict: dict) -> dict:
+    """A Fun ControlNet's state dict in ComfyUI's names (ZImage_Control's) or the engine's, in the released files'
+    names: q, k and v apart (to_q, to_k, to_v), to_out.0, norm_q / norm_k, control_all_x_embedder.2-1. Written here,
+    apart from zimage's table, to check that table."""
+    out = {}
+    for key, value in state_dict.items():
+        if ".attention.qkv." in key:
+            for part, name in zip(value.chunk(3), ("to_q", "to_k", "to_v")):
+                out[key.replace(".qkv.", f".{name}.")] = part.contiguous()
+            continue
+        for ours, theirs in ((".attention.out.", ".attention.to_out.0."), (".attention.q_norm.", ".attention.norm_q."),
+                             (".attention.k_norm.", ".attention.norm_k."),
+                             ("control_x_embedder.", "control_all_x_embedder.2-1.")):
+            key = key.replace(ours, theirs)
+        out[key] = value.contiguous()
+    return out

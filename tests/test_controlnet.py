@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import skip_unless_host_has
-from helpers import randomize_, rel_err
+from helpers import fun_file_format, randomize_, rel_err
 from test_comfyui_parity import CFG as PARITY_CFG
 from zimage import Runner, S3DiT, convert_state_dict
 from zimage.control import ControlConfig, ControlHints, ControlNet
@@ -108,22 +108,6 @@ def test_control_hints_give_comfyuis_velocity(comfyui_path, version, height, wid
         got = Runner(model)(latents, sigma, list(context), control=[ControlHints(net, hint_latent, 0.75)])
     assert rel_err(expected, without) > 1e-3  # the control changes native's velocity
     assert rel_err(got, expected) <= 1e-5
-
-
-def fun_file_format(state_dict: dict) -> dict:
-    """A ZImage_Control state dict (ComfyUI's names) in the released Fun ControlNet files' names: q, k and v apart
-    (to_q, to_k, to_v), to_out.0, norm_q / norm_k. Written here, apart from zimage's table, to check that table."""
-    out = {}
-    for key, value in state_dict.items():
-        if ".attention.qkv." in key:
-            for part, name in zip(value.chunk(3), ("to_q", "to_k", "to_v")):
-                out[key.replace(".qkv.", f".{name}.")] = part.contiguous()
-            continue
-        for ours, theirs in ((".attention.out.", ".attention.to_out.0."), (".attention.q_norm.", ".attention.norm_q."),
-                             (".attention.k_norm.", ".attention.norm_k.")):
-            key = key.replace(ours, theirs)
-        out[key] = value.contiguous()
-    return out
 
 
 @pytest.mark.parametrize("version", list(VERSIONS))
