@@ -61,7 +61,7 @@ class ZImageModel(comfy.model_base.Lumina2):
             captions, references = omni_inputs(captions, conds)
         # the Fun ControlNet nodes' patches: the engine runs them (nodes/controlnet.py)
         patches = control_patches(transformer_options)
-        control = engine_hints(patches, self.runner.cfg, x.shape, x.device) if patches else None
+        control = engine_hints(patches, self.runner.cfg, x.shape, x.device, CONTROL_OPS) if patches else None
         v = self.runner(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions, references=references,
                         control=control)
         return self.model_sampling.calculate_denoised(sigma, v.float(), x)
@@ -142,6 +142,16 @@ class ComfyRMSNorm(RMSNorm, comfy.ops.CastWeightBiasOp):
         if self.comfy_cast_weights or self.weight_function:
             return comfy.ops.cast_bias_weight(self, x)[0]
         return self.weight
+
+
+class CastRMSNorm(ComfyRMSNorm):
+    comfy_cast_weights = True
+
+
+# The layers of the engine's ControlNet on ModelPatchLoader's module (nodes/controlnet.py). ComfyUI builds that
+# module with its manual_cast ops, which cast each weight to the input's device and dtype at every use, and its
+# partial loading may leave some of them in host memory: the engine's layers on the same weights cast them alike.
+CONTROL_OPS = Ops(Linear=comfy.ops.manual_cast.Linear, RMSNorm=CastRMSNorm)
 
 
 def _manual_cast(storage_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> torch.dtype | None:

@@ -16,7 +16,7 @@ import torch
 import comfy.model_management as mm
 import comfy.utils
 
-from ..zimage import ControlConfig, ControlHints, ControlNet, ZImageConfig, engine_key
+from ..zimage import ControlConfig, ControlHints, ControlNet, Ops, ZImageConfig, engine_key
 
 # the engine's ControlNet for each of ComfyUI's control modules, kept as long as the module lives
 _nets: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[list, ControlNet]]" = weakref.WeakKeyDictionary()
@@ -37,8 +37,9 @@ def control_patches(transformer_options: dict) -> list:
     return found
 
 
-def engine_net(module: torch.nn.Module, cfg: ZImageConfig) -> ControlNet:
-    """The engine's ControlNet on the same parameters as ComfyUI's ZImage_Control module."""
+def engine_net(module: torch.nn.Module, cfg: ZImageConfig, ops: Ops) -> ControlNet:
+    """The engine's ControlNet, built with the host's layer classes `ops`, on the same parameters as ComfyUI's
+    ZImage_Control module."""
     params = list(module.parameters())
     cached = _nets.get(module)
     if cached is not None and len(cached[0]) == len(params) and all(a is b for a, b in zip(cached[0], params)):
@@ -47,7 +48,7 @@ def engine_net(module: torch.nn.Module, cfg: ZImageConfig) -> ControlNet:
                             in_channels=module.control_in_dim + module.additional_in_dim,
                             refiner_control=module.refiner_control, broken=module.broken)
     with torch.device("meta"):
-        net = ControlNet(cfg, control)
+        net = ControlNet(cfg, control, ops=ops)
     expected = dict(net.named_parameters())
     for name, param in module.named_parameters():
         engine_name, _, _ = engine_key(name)
@@ -81,9 +82,9 @@ def control_latent(patch, latent_shape) -> torch.Tensor:
     return patch.encoded_image
 
 
-def engine_hints(patches: list, cfg: ZImageConfig, latent_shape, device) -> list[ControlHints]:
+def engine_hints(patches: list, cfg: ZImageConfig, latent_shape, device, ops: Ops) -> list[ControlHints]:
     hints = []
     for patch in patches:
-        net = engine_net(patch.model_patch.model, cfg)
+        net = engine_net(patch.model_patch.model, cfg, ops)
         hints.append(ControlHints(net, control_latent(patch, latent_shape).to(device), float(patch.strength)))
     return hints

@@ -11,7 +11,9 @@ import latent_preview
 from ..zimage import PRESETS, flow_sigmas, make_noise, sample
 from ..zimage.sampler import SAMPLERS, check_mask
 from .checks import require_finite
-from .comfy_model import caption_features, engine_of, refuse_unhonoured, unhonoured_in_forward, wrapper_name
+from .comfy_model import (CONTROL_OPS, caption_features, engine_of, refuse_unhonoured, unhonoured_in_forward,
+                          wrapper_name)
+from .controlnet import control_patches, engine_hints
 from .reference_images import omni_inputs, reference_conds
 
 PRESET_CHOICES = [*PRESETS, "custom"]
@@ -119,7 +121,8 @@ class ZImageSampler:
     DESCRIPTION = ("Samples Z-Image with the engine's flow-matching sampler (euler or res_multistep), with the steps, "
                    "cfg and shift its widgets show. Choosing a preset fills them in: turbo (the official recipe: 8 "
                    "evaluations, shift 3, no CFG) or base (50 steps, CFG 4 with a negative prompt). Inpaints where the "
-                   "latent carries a noise mask, as KSampler does. Returns a LATENT for ComfyUI's VAEDecode.")
+                   "latent carries a noise mask, as KSampler does, and runs the Fun ControlNets that ZImageFunControlnet or "
+                   "QwenImageDiffsynthControlnet put on the model. Returns a LATENT for ComfyUI's VAEDecode.")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised latent; decode it with VAEDecode and the FLUX VAE.",)
@@ -129,7 +132,8 @@ class ZImageSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A Z-Image model from ZImageLoader (LoRAs applied or not)."}),
+                "model": ("MODEL", {"tooltip": "A Z-Image model from ZImageLoader (LoRAs applied or not, a Fun "
+                                                "ControlNet applied or not)."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt, from ZImageTextEncode or CLIPTextEncode."}),
                 "latent": ("LATENT", {"tooltip": "ZImageLatent for text-to-image, or VAEEncode of an image with "
                                                  "denoise below 1 for image-to-image. For inpainting, a latent with "
@@ -227,6 +231,11 @@ class ZImageSampler:
         if denoise < 1 or mask is not None:
             # an all-zero latent is an empty one, used as it is (KSampler does not shift it either)
             start = model.model.process_latent_in(samples.float()) if samples.any() else samples.float()
+        # the Fun ControlNet nodes' patches (ModelPatchLoader's module, loaded above with the model): the engine runs
+        # them in its loop as it does under KSampler (nodes/controlnet.py)
+        patches = control_patches(model.model_options.get("transformer_options") or {})
+        control = (engine_hints(patches, transformer.cfg, samples.shape, model.load_device, CONTROL_OPS)
+                   if patches else None)
         preview = latent_preview.prepare_callback(model, steps)
 
         def on_step(step, x0, x):
@@ -235,6 +244,7 @@ class ZImageSampler:
 
         out = sample(transformer, noise, sigmas, positive_caps, negative_caps, guidance=cfg,
                      cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, latent=start,
-                     callback=on_step, device=model.load_device, references=references, mask=mask, sampler=sampler)
+                     callback=on_step, device=model.load_device, references=references, mask=mask, sampler=sampler,
+                     control=control)
         out = model.model.process_latent_out(out.to(mm.intermediate_device()))
         return ({**latent, "samples": out},)

@@ -213,11 +213,12 @@ def pack_model(zimage_pack, main):
     return comfy_model.comfy_model(network)
 
 
-def sample_with_control(model, node: str, control, image, mask=None):
+def with_control(model, node: str, control, image, mask=None):
+    """model with the Fun ControlNet node applied (strength 0.8) and ModelSamplingAuraFlow 3, as the template wires
+    them."""
     import importlib
 
     import comfy.model_patcher
-    import nodes as comfy_nodes
 
     native = importlib.import_module("comfy_extras.nodes_model_patch").NODE_CLASS_MAPPINGS
     aura = importlib.import_module("comfy_extras.nodes_model_advanced").NODE_CLASS_MAPPINGS["ModelSamplingAuraFlow"]
@@ -225,11 +226,21 @@ def sample_with_control(model, node: str, control, image, mask=None):
     model_patch = comfy.model_patcher.ModelPatcher(control, load_device=cpu, offload_device=cpu)
     extra = {"inpaint_image": image, "mask": mask} if mask is not None else {}
     (patched,) = native[node]().diffsynth_controlnet(model, model_patch, FakeVAE(), image=image, strength=0.8, **extra)
-    (patched,) = aura().patch_aura(patched, 3.0)
+    return aura().patch_aura(patched, 3.0)[0]
+
+
+def prompts():
     g = torch.Generator().manual_seed(3)
-    positive = [[torch.randn(1, 12, CFG.cap_feat_dim, generator=g), {}]]
-    return comfy_nodes.common_ksampler(patched, 4, 4, 1.0, "euler", "simple", positive, positive,
-                                       {"samples": torch.zeros(1, 16, 8, 8)})[0]["samples"]
+    return [[torch.randn(1, 12, CFG.cap_feat_dim, generator=g), {}]], [[torch.randn(1, 7, CFG.cap_feat_dim, generator=g), {}]]
+
+
+def sample_with_control(model, node: str, control, image, mask=None, sampler="euler", cfg=1.0):
+    """KSampler (4 steps, simple) on model with the ControlNet: the latent."""
+    import nodes as comfy_nodes
+
+    positive, negative = prompts()
+    return comfy_nodes.common_ksampler(with_control(model, node, control, image, mask), 4, 4, cfg, sampler, "simple",
+                                       positive, negative, {"samples": torch.zeros(1, 16, 8, 8)})[0]["samples"]
 
 
 @pytest.mark.parametrize("version, node, inpaint", [
@@ -250,3 +261,80 @@ def test_native_controlnet_nodes_on_the_packs_model_sample_what_comfyuis_model_s
     plain = sample_with_control(pack_model(zimage_pack, main), node, control, image * 0 + 0.5, mask)
     assert rel_err(ours, theirs) <= 1e-4
     assert rel_err(ours, plain) > 1e-3  # the control image steers the result
+
+
+@pytest.mark.parametrize("version, node, inpaint", [
+    ("1.0", "QwenImageDiffsynthControlnet", False),
+    ("2.0", "ZImageFunControlnet", True),
+    ("2.1-lite", "ZImageFunControlnet", False),
+])
+@pytest.mark.parametrize("sampler, guidance", [("euler", 0.0), ("res_multistep", 0.0), ("euler", 2.0)])
+def test_zimage_sampler_runs_the_fun_controlnet_as_ksampler_does(comfyui_path, zimage_pack, version, node, inpaint,
+                                                                  sampler, guidance):
+    """ZImageSampler on the same patched MODEL: KSampler's latent (KSampler's cfg is ZImageSampler's + 1), with the
+    control image steering it."""
+    import importlib
+
+    main, control = native_models(comfyui_path, version)
+    g = torch.Generator().manual_seed(9)
+    image = torch.rand(1, 64, 64, 3, generator=g)
+    mask = (torch.rand(1, 64, 64, generator=g) > 0.5).float() if inpaint else None
+    zimage_sampler = importlib.import_module(f"{zimage_pack.__name__}.nodes.sampler").ZImageSampler()
+    positive, negative = prompts()
+
+    def ours(picture):
+        model = with_control(pack_model(zimage_pack, main), node, control, picture, mask)
+        return zimage_sampler.sample(model, positive, {"samples": torch.zeros(1, 16, 8, 8)}, 4, "custom", 4, guidance,
+                                     3.0, 1.0, 0.0, 1.0, negative=negative, sampler=sampler)[0]["samples"]
+
+    theirs = sample_with_control(pack_model(zimage_pack, main), node, control, image, mask, sampler, guidance + 1.0)
+    got = ours(image)
+    assert rel_err(got, theirs) <= 1e-4
+    assert rel_err(got, ours(image * 0 + 0.5)) > 1e-3  # the control image steers the result
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_the_engine_sampler_gives_each_sample_its_control_latent(guidance):
+    """zimage.sample with a ControlNet outside ComfyUI: the engine's Euler steps written out here, each sample's
+    velocity from a forward of that sample alone with its own control latent (and with guidance its negative pass
+    too)."""
+    from zimage import sample
+    from zimage.sampler import flow_sigmas
+
+    model = randomize_(S3DiT(CFG), 21).eval()
+    net = randomize_(ControlNet(CFG, ControlConfig(n_control_layers=3, in_channels=33, refiner_control=True)), 22).eval()
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(2, 16, 6, 8, generator=g)
+    positive = [torch.randn(9, CFG.cap_feat_dim, generator=g), torch.randn(5, CFG.cap_feat_dim, generator=g)]
+    negative = [torch.randn(4, CFG.cap_feat_dim, generator=g) for _ in range(2)]
+    hint_latents = torch.randn(2, 33, 6, 8, generator=g)
+    sigmas = flow_sigmas(3, 3.0)
+    with torch.no_grad():
+        got = sample(model, noise, sigmas, positive, negative, guidance=guidance,
+                     control=[ControlHints(net, hint_latents, 0.6)])
+        expected = []
+        runner = Runner(model)
+        for i in range(2):
+            x = noise[i:i + 1] * sigmas[0]
+            hints = [ControlHints(net, hint_latents[i:i + 1], 0.6)]
+            for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+                s = torch.tensor([sigma])
+                v = runner(x, s, positive[i:i + 1], control=hints)
+                if guidance > 0:
+                    v = v + guidance * (v - runner(x, s, negative[i:i + 1], control=hints))
+                x = x + (sigma_next - sigma) * v
+            expected.append(x)
+        plain = sample(model, noise, sigmas, positive, negative, guidance=guidance)
+    assert rel_err(got, torch.cat(expected)) <= 1e-5
+    assert rel_err(got, plain) > 1e-3
+
+
+def test_a_control_latent_of_another_size_is_refused():
+    from zimage import sample
+    from zimage.sampler import flow_sigmas
+
+    model = S3DiT(CFG).eval()
+    net = ControlNet(CFG, ControlConfig(n_control_layers=3))
+    with pytest.raises(ValueError, match=r"control latent is \[1, 16, 4, 4\].*encode the control image at the size"):
+        sample(model, torch.zeros(1, 16, 6, 8), flow_sigmas(2, 3.0), [torch.zeros(3, CFG.cap_feat_dim)],
+               control=[ControlHints(net, torch.zeros(1, 16, 4, 4), 1.0)])

@@ -92,7 +92,7 @@ class ControlHints:
     its hint. An instance keeps the control stream from block to block within one forward (a new forward starts
     it anew)."""
 
-    def __init__(self, net: ControlNet, latent: torch.Tensor, strength: float):
+    def __init__(self, net: ControlNet, latent: torch.Tensor, strength: float | torch.Tensor):
         if latent.ndim != 4 or latent.shape[1] != net.control.in_channels:
             raise ValueError(f"the control latent must be [B, {net.control.in_channels}, H, W], got "
                              f"{list(latent.shape)}")
@@ -120,7 +120,8 @@ class ControlHints:
             out = block(x, rope, key_mask, t_emb, *rest)
             hint = after(x[:, :n].to(dtype), tuple(r[:, :n] for r in rope), t_emb.to(dtype))
             if hint is not None:
-                out[:, :n] += (hint * self.strength).to(out.dtype)
+                # in float32 as a float strength multiplies (a tensor strength is a CUDA graph's input)
+                out[:, :n] += (hint.float() * self.strength).to(out.dtype)
             return out
         return run
 

@@ -78,15 +78,24 @@ class Runner:
         if key != self.layout_key:
             self.layout, self.layout_key = sequence_layout(model.cfg, latents, caption_feats, references), key
         layout, blocks = self.layout, self._blocks(device)
-        for hints in control or ():
-            blocks = hints.blocks(model, blocks)
+        control = control or []
+        n_captions = len(caption_feats)
+
+        def forward(x, s, *rest):
+            # the control latents and strengths are inputs like the latents: a graph replays with new ones
+            captions, hinted = list(rest[:n_captions]), blocks
+            for hints, latent, strength in zip(control, rest[n_captions::2], rest[n_captions + 1::2]):
+                hinted = ControlHints(hints.net, latent, strength).blocks(model, hinted)
+            return model(x, s, captions, references, layout=layout, blocks=hinted)
+
+        inputs = [latents, sigma, *caption_feats]
+        for hints in control:
+            inputs += [hints.latent.to(device), torch.full((), hints.strength, device=device)]
         try:
-            # a ControlNet's hints are not captured yet: their inputs and strength would be baked into the graph
-            weights = self._graph_weights(device) if references is None and not control else None
+            weights = self._graph_weights(device, control) if references is None else None
             if weights is None:
-                return model(latents, sigma, caption_feats, references, layout=layout, blocks=blocks)
-            return self.graphs(lambda x, s, *captions: model(x, s, list(captions), layout=layout, blocks=blocks),
-                               [latents, sigma, *caption_feats], weights, keep=layout)
+                return forward(*inputs)
+            return self.graphs(forward, inputs, weights, keep=layout)
         finally:
             if self.streamer is not None:  # an exception inside a streamed block leaves its weights swapped
                 self.streamer.restore()
@@ -123,11 +132,14 @@ class Runner:
             self.streamer = WeightStreamer(device)
         return self.streamer.run
 
-    def _graph_weights(self, device: torch.device) -> list[torch.Tensor] | None:
-        """Every weight, when forwards replay as CUDA graphs here: graphs on, and all weights on `device`."""
+    def _graph_weights(self, device: torch.device, control: list[ControlHints]) -> list[torch.Tensor] | None:
+        """Every weight a forward reads (the ControlNets' too), when forwards replay as CUDA graphs here: graphs on,
+        and all of those weights on `device`."""
         if self.graphs is None or device.type != "cuda":
             return None
         weights = list(self.model.parameters())
+        for hints in control:
+            weights += list(hints.net.parameters())
         return weights if all(w.device == device for w in weights) else None
 
 

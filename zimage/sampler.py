@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .control import ControlHints
 from .model import S3DiT
 from .omni import Reference
 from .runner import Runner
@@ -139,6 +140,7 @@ def sample(
     references: list[list[Reference]] | None = None,
     mask: torch.Tensor | None = None,
     sampler: str = "euler",
+    control: list[ControlHints] | None = None,
 ) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1] and return the final latents (float32, on `device`).
 
@@ -157,6 +159,8 @@ def sample(
     (1 - sigma) * latent), and the kept part of the clean prediction is `latent` itself, so the steps end on
     `latent` there; the rest is sampled with the whole image in view.
     sampler: one of SAMPLERS (the module docstring gives their steps).
+    control: ControlNets with their control latents ([1 or B, in_channels, H, W]) and strengths (control.py),
+    given to every evaluation, the negative pass too, as ComfyUI's patches see both halves of a guided batch.
     """
     for name, value in (("guidance", guidance), ("cfg_normalization", cfg_normalization),
                         ("cfg_truncation", cfg_truncation)):
@@ -193,17 +197,27 @@ def sample(
         references = [[r.to(device) for r in refs] for refs in references]
     references_both = references + references if references is not None else None  # the guided batch's
 
+    for h in control or ():
+        if len(h.latent) not in (1, batch) or h.latent.shape[2:] != noise.shape[2:]:
+            raise ValueError(f"a control latent is {list(h.latent.shape)}; sampling {list(noise.shape)} needs one of "
+                             f"[1 or {batch}, {h.net.control.in_channels}, {noise.shape[2]}, {noise.shape[3]}] (encode the "
+                             f"control image at the size being sampled)")
+    control = [ControlHints(h.net, h.latent.to(device), h.strength) for h in control or ()]
+    control_both = [ControlHints(h.net, h.latent.repeat(2, 1, 1, 1) if len(h.latent) > 1 else h.latent, h.strength)
+                    for h in control]  # the guided batch's: each sample's control latent for both of its halves
+
     def velocity(x_in, sigma):
         if guidance > 0 and (1.0 - sigma) <= cfg_truncation:
             v_pos, v_neg = model(torch.cat((x_in, x_in)), torch.full((2 * batch,), sigma, device=device), both,
-                                 references=references_both).float().chunk(2)
+                                 references=references_both, control=control_both).float().chunk(2)
             v = v_pos + guidance * (v_pos - v_neg)
             if cfg_normalization > 0:
                 dims = tuple(range(1, v.ndim))
                 limit = cfg_normalization * torch.linalg.vector_norm(v_pos, dim=dims, keepdim=True)
                 v = v * (limit / torch.linalg.vector_norm(v, dim=dims, keepdim=True)).clamp(max=1.0)
             return v
-        return model(x_in, torch.full((batch,), sigma, device=device), positive, references=references).float()
+        return model(x_in, torch.full((batch,), sigma, device=device), positive, references=references,
+                     control=control).float()
 
     def clean_prediction(x, sigma):
         if mask is None:
