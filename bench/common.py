@@ -17,8 +17,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zimage import S3DiT, ZImageConfig, source_keys  # noqa: E402
+PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if PACK not in sys.path:  # a script that put ComfyUI first (comfy_process.start) keeps it first: both have nodes/
+    sys.path.insert(0, PACK)
+from zimage import S3DiT, ZImageConfig  # noqa: E402
 from zimage.fp8 import Fp8Linear, use_fp8_matmuls  # noqa: E402
 
 GiB = 2**30
@@ -43,13 +45,13 @@ def random_engine(cfg: ZImageConfig, device, dtype, attention="auto") -> S3DiT:
     return model.eval().requires_grad_(False)
 
 
-def random_state(shapes: dict[str, torch.Size], dtype, seed: int) -> dict[str, torch.Tensor]:
+def random_state(shapes: dict[str, torch.Size], dtype, seed: int, device="cuda") -> dict[str, torch.Tensor]:
     """A state dict of random tensors for a host's own loaders to read (files, ComfyUI's text encoder and VAE):
-    drawn on the GPU (fast), kept on the CPU; norms near 1, matrices fan-in scaled."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    drawn on `device` (a GPU: fast), kept on the CPU; norms near 1, matrices fan-in scaled."""
+    g = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for name, shape in shapes.items():
-        t = torch.randn(shape, generator=g, device="cuda", dtype=torch.float32)
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
         if len(shape) >= 2:
             t *= 0.8 / (torch.Size(shape[1:]).numel() ** 0.5)
         elif "norm" in name and name.endswith("weight"):
@@ -84,49 +86,74 @@ def random_inputs(cfg: ZImageConfig, size: int, batch: int, caption: int, device
     return latents, sigma, captions
 
 
-# --- the reference implementations, on the engine's weight tensors (no copy) ---------------------------------
+# --- model files for ComfyUI's loaders and the pack's ------------------------------------------------------------
 
-def comfy_native(engine: S3DiT, comfyui: str):
-    """ComfyUI's own NextDiT (the one its UNETLoader builds for Z-Image) holding the engine's tensors: ComfyUI
-    names them as the engine does."""
-    sys.path.insert(0, comfyui)
-    import comfy.cli_args
+# the names users have, in the folders ComfyUI reads them from, so that the shipped workflows run unchanged
+MODEL_FILES = {"diffusion_models": "z_image_turbo_bf16.safetensors", "text_encoders": "qwen_3_4b.safetensors",
+               "vae": "ae.safetensors"}
+# --tiny: the smallest transformer ComfyUI's NextDiT builds as the engine does (its timestep MLP gives 256
+# features to every block, so the width is at least 256; its FFN rounds int(dim * 8 / 3) up to 256), captions as
+# wide as the test suite's tiny Qwen3 (tests/comfy_shim)
+TINY_DIT = ZImageConfig(dim=256, n_heads=4, n_layers=2, n_refiner_layers=2, ffn_hidden=768, cap_feat_dim=32,
+                        t_embed_dim=256, t_embed_mid=256, rope_axes=ZImageConfig.rope_axes_for(64))
+FLUX_VAE = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+                num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
-    comfy.cli_args.args.cpu = not torch.cuda.is_available()
+
+def transformer_shapes(cfg: ZImageConfig) -> dict[str, torch.Size]:
+    """The transformer file's tensors (ComfyUI's single-file names, which are the engine's)."""
+    with torch.device("meta"):
+        return shapes_of(S3DiT(cfg))
+
+
+def text_encoder_shapes() -> dict[str, torch.Size]:
+    """ComfyUI's Qwen3-4B, as its qwen_3_4b.safetensors names it (the tiny one where the test shim is installed).
+    ComfyUI must be importable."""
     import comfy.ops
-    from comfy.ldm.lumina.model import NextDiT
+    import comfy.text_encoders.llama
 
-    cfg = engine.cfg
     with torch.device("meta"):
-        native = NextDiT(patch_size=2, in_channels=16, dim=cfg.dim, n_layers=cfg.n_layers,
-                         n_refiner_layers=cfg.n_refiner_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
-                         multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True,
-                         cap_feat_dim=cfg.cap_feat_dim, axes_dims=list(cfg.rope_axes), axes_lens=[1536, 512, 512],
-                         rope_theta=256.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
-                         dtype=engine.dtype, operations=comfy.ops.disable_weight_init)
-    native.load_state_dict(engine.state_dict(), assign=True)
-    return native.eval()
+        return shapes_of(comfy.text_encoders.llama.Qwen3_4B({}, dtype=torch.bfloat16, device="meta",
+                                                             operations=comfy.ops.manual_cast))
 
 
-def diffusers_model(engine: S3DiT):
-    """diffusers' ZImageTransformer2DModel holding the engine's tensors, under the names zimage.source_keys gives
-    them (the table the engine loads diffusers files with): where diffusers keeps `parts` tensors that the engine
-    stacks along dim 0 (q, k and v in one qkv), each part is a view of the engine's rows."""
-    from diffusers import ZImageTransformer2DModel
+def vae_shapes() -> dict[str, torch.Size]:
+    """The FLUX VAE (ae.safetensors), encoder and decoder, at full size."""
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
 
-    cfg = engine.cfg
     with torch.device("meta"):
-        model = ZImageTransformer2DModel(dim=cfg.dim, n_layers=cfg.n_layers, n_refiner_layers=cfg.n_refiner_layers,
-                                         n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, cap_feat_dim=cfg.cap_feat_dim,
-                                         axes_lens=[1536, 512, 512])
-    sd = {}
-    for key, value in engine.state_dict().items():
-        # source_keys lists the engine's own name first, then diffusers' where it differs
-        names = source_keys(key)
-        for name, part, parts in names[1:] or names:
-            sd[name] = value.chunk(parts)[part]
-    model.load_state_dict(sd, assign=True, strict=True)
-    return model.eval()
+        return shapes_of(torch.nn.ModuleDict({"encoder": Encoder(**FLUX_VAE), "decoder": Decoder(**FLUX_VAE)}))
+
+
+def write_model_files(models: str, dit: ZImageConfig, device) -> dict[str, str]:
+    """{folder kind: path} of the three files under models/<kind>/, random weights in the released files' names,
+    shapes and dtypes (transformer and text encoder bf16, VAE fp32). Each is written once and reused: a file is
+    written under a temporary name and renamed when complete, so a run stopped mid-write leaves nothing to
+    reuse. A file whose tensors do not have the shapes asked for (another config's) is an error."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    wanted = {"diffusion_models": (lambda: transformer_shapes(dit), torch.bfloat16, 0),
+              "text_encoders": (text_encoder_shapes, torch.bfloat16, 1),
+              "vae": (vae_shapes, torch.float32, 2)}
+    paths = {}
+    for kind, (shapes, dtype, seed) in wanted.items():
+        folder = os.path.join(models, kind)
+        os.makedirs(folder, exist_ok=True)
+        path = paths[kind] = os.path.join(folder, MODEL_FILES[kind])
+        shapes = shapes()
+        if os.path.exists(path):
+            with safe_open(path, "pt") as f:
+                found = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+            if found != dict(shapes):
+                raise SystemExit(f"{path} holds other tensors than this run's {kind} (another config's?): "
+                                 f"delete it or pass another --models folder")
+            continue
+        t = time.time()
+        save_file(random_state(shapes, dtype, seed, device), path + ".partial")
+        os.replace(path + ".partial", path)
+        print(f"wrote {path} ({os.path.getsize(path) / GiB:.1f} GiB) in {time.time() - t:.0f} s", flush=True)
+    return paths
 
 
 # --- timing and memory -----------------------------------------------------------------------------------------
