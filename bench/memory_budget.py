@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import GiB, provenance, random_state, shapes_of, write_json
+from common import GiB, provenance, random_state, text_encoder_shapes, transformer_shapes, vae_shapes, write_json
 
 PACK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -46,11 +46,8 @@ def main():
 
     comfy.cli_args.args.reserve_vram = total_gb - args.budget_gb
     import comfy.model_management as mm
-    import comfy.ops
     import comfy.sd
-    import comfy.text_encoders.llama
     import folder_paths
-    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
     from safetensors.torch import save_file
 
     sys.path[1:1] = [PACK, os.path.join(PACK, "tests")]  # the engine, and the tests' way of importing the pack
@@ -58,7 +55,7 @@ def main():
 
     nodes = import_pack().NODE_CLASS_MAPPINGS
     # the pack's own engine modules (not the `zimage` that common imports): the loader's runner is their Runner
-    from comfyui_zimage.zimage import Runner, S3DiT, ZImageConfig
+    from comfyui_zimage.zimage import Runner, ZImageConfig
 
     os.makedirs(args.models, exist_ok=True)
     folder_paths.add_model_folder_path("diffusion_models", args.models)
@@ -66,19 +63,10 @@ def main():
     path = os.path.join(args.models, name)
     t0 = time.time()
     if not os.path.exists(path):
-        with torch.device("meta"):
-            shapes = shapes_of(S3DiT(ZImageConfig()))
-        save_file(random_state(shapes, torch.bfloat16, 0), path)
-    with torch.device("meta"):
-        te_shapes = shapes_of(comfy.text_encoders.llama.Qwen3_4B({}, dtype=torch.bfloat16, device="meta",
-                                                                  operations=comfy.ops.manual_cast))
-    clip = comfy.sd.load_text_encoder_state_dicts([random_state(te_shapes, torch.bfloat16, 1)],
+        save_file(random_state(transformer_shapes(ZImageConfig()), torch.bfloat16, 0), path)
+    clip = comfy.sd.load_text_encoder_state_dicts([random_state(text_encoder_shapes(), torch.bfloat16, 1)],
                                                   clip_type=comfy.sd.CLIPType.LUMINA2)
-    dd = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
-              num_res_blocks=2, attn_resolutions=[], dropout=0.0)
-    with torch.device("meta"):
-        vae_shapes = shapes_of(torch.nn.ModuleDict({"encoder": Encoder(**dd), "decoder": Decoder(**dd)}))
-    vae = comfy.sd.VAE(sd=random_state(vae_shapes, torch.float32, 2))
+    vae = comfy.sd.VAE(sd=random_state(vae_shapes(), torch.float32, 2))
     setup_s = time.time() - t0
 
     (model,) = nodes["ZImageLoader"]().load(name, args.weight_dtype, "auto", args.compile,
