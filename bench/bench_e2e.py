@@ -171,7 +171,8 @@ def main():
                                                                 unloads)
 
     server = Server()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.LRU, cache_args={"lru": 64, "ram": 0})
+    # ComfyUI's LRU cache (--cache-lru) large enough for every run's outputs: the loaders' never fall out of it
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.LRU, cache_args={"lru": 4096, "ram": 0})
     runs = {v: [] for v in ARGS.variants}
     first = {}
     for round_ in range(ARGS.runs + 1):  # round 0: warm-up
