@@ -399,7 +399,7 @@ def _empty(tmp_path, tiny):
     return path
 
 
-def _gguf(tmp_path, tiny):
+def _gguf(tmp_path, tiny):  # a GGUF header without tensors
     path = tmp_path / "z_image_turbo-Q8_0.gguf"
     path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(256))
     return path
@@ -488,7 +488,7 @@ REFUSALS = {
     "truncated_in_header": (_truncated_in_header, ["truncated"]),
     "random_bytes": (_random_bytes, ["not a safetensors file"]),
     "empty": (_empty, ["0 bytes"]),
-    "gguf": (_gguf, ["GGUF"]),
+    "gguf": (_gguf, ["holds no tensors"]),  # an empty GGUF: test_gguf.py has the real ones
     "flux": (_flux, ["FLUX"]),
     "sdxl": (_sdxl, ["SDXL"]),
     "text_encoder": (_text_encoder, ["text encoder"]),

@@ -15,6 +15,7 @@ The whole public API:
     load_controlnet                      a Fun ControlNet file
 For hosts that manage weights themselves (nodes/comfy_model.py):
     Ops, RMSNorm, Fp8Linear, E4M3, E4M3_MAX   the layer classes a network is built from, to subclass and give
+    QuantizedLinear                           (a GGUF file's block-quantized matrices, dequantized at each use)
     ATTENTION_BACKENDS, scaled_mm_supported   the attention kernels to choose from; whether FP8 GEMMs run here
 """
 
@@ -28,6 +29,7 @@ from .fp8 import E4M3, E4M3_MAX, Fp8Linear, scaled_mm_supported
 from .keys import engine_key, source_keys
 from .model import S3DiT
 from .omni import Reference
+from .quantized import QuantizedLinear
 from .prompt import CHAT_TEMPLATE, omni_prompt_chunks
 from .runner import Runner
 from .sampler import PRESETS, flow_sigmas, make_noise, sample
@@ -36,4 +38,4 @@ __all__ = ["ZImageConfig", "S3DiT", "Runner", "load_transformer", "inspect_check
            "CheckpointError", "read_safetensors_header", "source_keys", "flow_sigmas", "make_noise", "sample",
            "PRESETS", "CHAT_TEMPLATE", "omni_prompt_chunks", "Reference", "Ops", "RMSNorm", "Fp8Linear", "E4M3",
            "E4M3_MAX", "ATTENTION_BACKENDS", "scaled_mm_supported", "ControlNet", "ControlConfig", "ControlHints",
-           "engine_key", "load_controlnet"]
+           "engine_key", "load_controlnet", "QuantizedLinear"]

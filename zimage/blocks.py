@@ -16,6 +16,7 @@ from .attention import Attention
 from .config import ZImageConfig
 from .fp8 import Fp8Linear
 from .fused import add_gated_norm, norm_modulate, qk_norm_rope, swiglu
+from .quantized import QuantizedLinear
 
 
 class RMSNorm(nn.Module):
@@ -37,12 +38,14 @@ class RMSNorm(nn.Module):
 class Ops:
     """The layer classes a network is built from, each taking the arguments of the engine's own. A host that
     manages weights itself gives its own at construction, as ComfyUI does (nodes/comfy_model.py): a Linear and
-    an RMSNorm it can offload, cast and patch per use, and an Fp8Linear (made by fp8.use_fp8_matmuls) whose
-    weight its patcher can change."""
+    an RMSNorm it can offload, cast and patch per use, an Fp8Linear (made by fp8.use_fp8_matmuls) whose
+    weight its patcher can change, and a QuantizedLinear (a GGUF file's matrices, checkpoint.load_transformer)
+    whose dequantized weight it can patch at each use."""
 
     Linear: type[nn.Linear] = nn.Linear
     RMSNorm: type[RMSNorm] = RMSNorm
     Fp8Linear: type[Fp8Linear] = Fp8Linear
+    QuantizedLinear: type[QuantizedLinear] = QuantizedLinear
 
 
 class SelfAttention(nn.Module):

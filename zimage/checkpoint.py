@@ -27,6 +27,7 @@ from .blocks import Ops
 from .config import ZImageConfig
 from .control import ControlConfig, ControlNet
 from .fp8 import use_fp8_matmuls
+from .gguf_file import GGUFFile, is_gguf
 from .files import (SAFETENSORS_DTYPES, CheckpointError, TensorEntry, checkpoint_files, read_json,
                     read_safetensors_header, short_repr, transformer_folder)
 from .keys import SCALE_SUFFIXES, engine_key, skipped, strip_prefix
@@ -108,9 +109,9 @@ def describe_foreign(keys: list[str]) -> str:
 @dataclass
 class CheckpointInfo:
     files: list[str]
-    format: str  # "comfyui" or "diffusers"
+    format: str  # "comfyui", "diffusers" or "gguf" (gguf_file.py)
     variant: str  # "z-image" (Turbo and Base share one layout) or "z-image-omni" (Omni-Base, Edit: SigLIP weights)
-    stored_dtype: torch.dtype  # dtype of the big matrices as stored
+    stored_dtype: torch.dtype  # dtype of the big matrices as stored (uint8: GGUF blocks, a quantization's bytes)
     config: ZImageConfig
     plan: dict[str, list[str]]
     entries: dict[str, TensorEntry]
@@ -122,7 +123,7 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
     files = checkpoint_files(path)
     entries: dict[str, TensorEntry] = {}
     for file in files:
-        entries.update(read_safetensors_header(file))
+        entries.update(GGUFFile(file).entries if is_gguf(file) else read_safetensors_header(file))
     keys = list(entries)
     name = os.path.basename(path.rstrip("/"))
     if not keys:
@@ -184,6 +185,9 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
     check_layout(name, cfg, plan, entries, prefix)
     fmt = "diffusers" if any("to_q" in k or "all_x_embedder" in k for k in keys) else "comfyui"
     stored = SAFETENSORS_DTYPES.get(entries[plan["layers.0.attention.qkv.weight"][0]].dtype, torch.float32)
+    if is_gguf(files[0]):  # its float types have safetensors' names; the others are GGML blocks, kept as bytes
+        fmt = "gguf"
+        stored = SAFETENSORS_DTYPES.get(entries[plan["layers.0.attention.qkv.weight"][0]].dtype, torch.uint8)
     return CheckpointInfo(files, fmt, variant, stored, cfg, plan, entries)
 
 
@@ -292,8 +296,12 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
 
     dtype None keeps the stored precision (fp8 files load as bfloat16). Tensors are read one at a time
     from the memory-mapped files and written straight into the model on `device`.
+    A GGUF file's block-quantized matrices of the block stacks stay quantized: each becomes an
+    ops.QuantizedLinear holding its bytes, dequantized to `dtype` at each use (quantized.py); its other tensors
+    are dequantized here (GGUF's own choice leaves them in BF16, F16 or F32 anyway).
     attention: the SDPA kernel preference (attention.BACKENDS). fp8_matmuls: the blocks' matrices as e4m3 with
-    FP8 matrix multiplies (fp8.use_fp8_matmuls). ops: the layer classes, a host's own (blocks.Ops).
+    FP8 matrix multiplies (fp8.use_fp8_matmuls; not for quantized GGUF matrices, which keep their own
+    quantization). ops: the layer classes, a host's own (blocks.Ops).
     How its forwards run (CUDA graphs, compile, streaming) is a Runner's (runner.py).
     """
     from safetensors import safe_open
@@ -306,8 +314,15 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
         model = S3DiT(info.config, attention=attention, ops=ops)
     # inspect_checkpoint's check_layout has matched every name and shape of the plan to this model
     handles = {}
+    gguf = GGUFFile(info.files[0]) if info.format == "gguf" else None
+    if gguf is not None and fp8_matmuls and info.stored_dtype == torch.uint8:
+        raise ValueError(f"{os.path.basename(path)} is a quantized GGUF: its matrices keep their own quantization "
+                         f"and are dequantized at each use, so there are no bf16 weights to compute in FP8. Load "
+                         f"it without fp8_matmuls, or use the safetensors model for FP8.")
 
     def read(key):
+        if gguf is not None:
+            return gguf.read(key)
         file = info.entries[key].file
         if file not in handles:
             handles[file] = safe_open(file, framework="pt", device="cpu")
@@ -315,6 +330,8 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
 
     try:
         for name, sources in info.plan.items():
+            if gguf is not None and _keep_quantized(model, name, sources, gguf, device):
+                continue
             tensor = assemble(sources, info.entries, read).to(device=device, dtype=dtype)
             module_name, _, param_name = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
@@ -324,6 +341,26 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
     if fp8_matmuls:
         use_fp8_matmuls(model)
     return model.eval()
+
+
+def _keep_quantized(model: S3DiT, name: str, sources: list[str], gguf: GGUFFile, device: torch.device) -> bool:
+    """Put a GGUF matrix into `model` as an ops.QuantizedLinear holding its blocks, where it is the weight of a
+    linear layer of a block stack stored in one block quantization; False (nothing done) otherwise. The layer's
+    bias, loaded before or after, is the QuantizedLinear's."""
+    module_name, _, param_name = name.rpartition(".")
+    if param_name != "weight" or name.split(".")[0] not in model.cfg.block_stacks:
+        return False
+    module = model.get_submodule(module_name)
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    blocks = gguf.quantized_rows(sources)
+    if blocks is None:
+        return False
+    raw, qtype = blocks
+    owner, _, attr = module_name.rpartition(".")
+    setattr(model.get_submodule(owner), attr,
+            model.ops.QuantizedLinear(raw.to(device), qtype, module.in_features, module.bias))
+    return True
 
 
 def inspect_controlnet(path: str) -> tuple[ZImageConfig, ControlConfig, dict[str, list[str]], dict[str, TensorEntry]]:
