@@ -14,6 +14,7 @@ The names (which file tensor is which engine weight) are keys.py's; reading the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -29,9 +30,10 @@ from .control import ControlConfig, ControlNet
 from .fp8 import use_fp8_matmuls
 from .gguf_file import GGUFFile, is_gguf
 from .files import (SAFETENSORS_DTYPES, CheckpointError, TensorEntry, checkpoint_files, read_json,
-                    read_safetensors_header, short_repr, transformer_folder)
+                    read_safetensors_header, read_safetensors_metadata, short_repr, transformer_folder)
 from .keys import SCALE_SUFFIXES, engine_key, skipped, strip_prefix
 from .model import S3DiT
+from .quant import QuantizedWeight, describe, quantized_weights
 
 
 def conversion_plan(keys: Iterable[str]) -> dict[str, list[str]]:
@@ -60,30 +62,47 @@ def conversion_plan(keys: Iterable[str]) -> dict[str, list[str]]:
     return plan
 
 
-def _scale_key(source_key: str, keys) -> str | None:
-    stem = source_key.removesuffix(".weight")
-    for suffix in SCALE_SUFFIXES:
-        if stem + suffix in keys:
-            return stem + suffix
-    return None
-
-
-def assemble(sources: list[str], keys, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """One engine tensor from its source tensors (conversion_plan): each read, an fp8 one dequantized with its
-    scale (which may sit in any shard of a folder, not only the weight's), and the parts stacked along dim 0."""
+def assemble(sources: list[str], quantized: dict[str, QuantizedWeight], read: Callable[[str], torch.Tensor]
+             ) -> torch.Tensor:
+    """One engine tensor from its source tensors (conversion_plan): each read, a quantized one dequantized
+    (quant.py; its scales may sit in any shard of a folder, not only the weight's), a plain fp8 one as float32,
+    and the parts stacked along dim 0."""
     tensors = []
     for source in sources:
-        tensor, scale_key = read(source), _scale_key(source, keys)
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            tensor = tensor.float()
-        tensors.append(tensor if scale_key is None else tensor.float() * read(scale_key).float())
+        tensor = quantized[source].dequantize(read) if source in quantized else read(source)
+        tensors.append(tensor.float() if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor)
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ComfyUI- or diffusers-format transformer state dict -> the engine's names (fp8 weights dequantized)."""
-    return {name: assemble(sources, state_dict, state_dict.__getitem__)
+    """A ComfyUI- or diffusers-format transformer state dict -> the engine's names (quantized weights
+    dequantized)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    entries = {k: TensorEntry("", names.get(v.dtype, str(v.dtype)), list(v.shape)) for k, v in state_dict.items()}
+    quantized = quantized_weights("the state dict", entries, state_dict.__getitem__)
+    return {name: assemble(sources, quantized, state_dict.__getitem__)
             for name, sources in conversion_plan(state_dict).items()}
+
+
+def _quantized(name: str, files: list[str], entries: dict[str, TensorEntry]) -> dict[str, QuantizedWeight]:
+    """A file's (or folder's) quantized weights (quant.py), from its layers' markers and its files' metadata."""
+    from safetensors import safe_open
+
+    metadata = {}
+    for file in files:
+        metadata |= read_safetensors_metadata(file)
+    handles = {}
+
+    def read(key):  # only the markers, a few bytes each
+        file = entries[key].file
+        if file not in handles:
+            handles[file] = safe_open(file, framework="pt", device="cpu")
+        return handles[file].get_tensor(key)
+
+    try:
+        return quantized_weights(name, entries, read, metadata)
+    finally:
+        handles.clear()
 
 
 def describe_foreign(keys: list[str]) -> str:
@@ -115,6 +134,12 @@ class CheckpointInfo:
     config: ZImageConfig
     plan: dict[str, list[str]]
     entries: dict[str, TensorEntry]
+    quantized: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)  # weight key -> its format
+
+    @property
+    def quantization(self) -> str:
+        """What the file's quantized weights are ("" for none), e.g. "240 nvfp4"."""
+        return describe(self.quantized)
 
 
 def inspect_checkpoint(path: str) -> CheckpointInfo:
@@ -182,13 +207,17 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
             raise CheckpointError(f"{name} is an incomplete Z-Image{' Omni/Edit' if cfg.siglip_feat_dim else ''} "
                                   f"transformer: its {stack} has {_depth(plan, stack)} blocks, where the rest of it "
                                   f"makes {depth}. Re-download it.")
-    check_layout(name, cfg, plan, entries, prefix)
+    quantized = _quantized(name, files, entries)
+    check_layout(name, cfg, plan, entries, prefix, quantized)
     fmt = "diffusers" if any("to_q" in k or "all_x_embedder" in k for k in keys) else "comfyui"
     stored = SAFETENSORS_DTYPES.get(entries[plan["layers.0.attention.qkv.weight"][0]].dtype, torch.float32)
+    qkv = quantized.get(plan["layers.0.attention.qkv.weight"][0])
+    if qkv is not None and qkv.format in ("nvfp4", "int8_tensorwise"):
+        stored = torch.bfloat16  # nothing computes in these: they load dequantized, as bf16 unless told otherwise
     if is_gguf(files[0]):  # its float types have safetensors' names; the others are GGML blocks, kept as bytes
         fmt = "gguf"
         stored = SAFETENSORS_DTYPES.get(entries[plan["layers.0.attention.qkv.weight"][0]].dtype, torch.uint8)
-    return CheckpointInfo(files, fmt, variant, stored, cfg, plan, entries)
+    return CheckpointInfo(files, fmt, variant, stored, cfg, plan, entries, quantized)
 
 
 # A diffusers folder's transformer/config.json holds ZImageTransformer2DModel's arguments. The ones the headers
@@ -238,39 +267,34 @@ def config_json_fields(path: str, fields: dict) -> dict:
 
 
 def check_layout(name: str, cfg: ZImageConfig, plan: dict[str, list[str]], entries: dict[str, TensorEntry],
-                 prefix: str) -> None:
+                 prefix: str, quantized: dict[str, QuantizedWeight]) -> None:
     """Whether a file holds exactly the transformer `cfg` describes (check_names)."""
     with torch.device("meta"):
         expected = {k: list(p.shape) for k, p in S3DiT(cfg).named_parameters()}
-    check_names(name, expected, plan, entries, prefix)
+    check_names(name, expected, plan, entries, prefix, quantized=quantized)
 
 
 def check_names(name: str, expected: dict[str, list[int]], plan: dict[str, list[str]],
-                entries: dict[str, TensorEntry], prefix: str = "", what: str = "Z-Image transformer") -> None:
+                entries: dict[str, TensorEntry], prefix: str = "", what: str = "Z-Image transformer",
+                quantized: dict[str, QuantizedWeight] | None = None) -> None:
     """The one place that decides whether a file holds exactly the model whose parameters' shapes are `expected`:
-    every parameter present with its shape, and every tensor in the file either a parameter (or a part of one), an
-    fp8 weight's scale, or skipped() by name. Anything else is refused, so no weight is ever dropped in silence."""
-    used, wrong = set(), []
+    every parameter present with its shape (a quantized weight's: the shape it stands for), and every tensor in the
+    file either a parameter (or a part of one), a quantized weight's scale or marker, or skipped() by name.
+    Anything else is refused, so no weight is ever dropped in silence."""
+    used, wrong, quantized = set(), [], quantized or {}
     for engine_name, sources in plan.items():
         if engine_name not in expected:
             continue  # its sources are left unused: refused below by their names in the file
         used.update(sources)
-        shapes = [entries[s].shape for s in sources]
+        for s in sources:
+            used.update(quantized[s].companions if s in quantized else ())
+        shapes = [list(quantized[s].shape) if s in quantized else entries[s].shape for s in sources]
         found = shapes[0] if len(shapes) == 1 else None
         if len(shapes) > 1 and all(len(s) >= 1 and s[1:] == shapes[0][1:] for s in shapes):
             found = [sum(s[0] for s in shapes), *shapes[0][1:]]  # the parts are stacked along dim 0
         if found != expected[engine_name]:
-            wrong.append(f"{' + '.join(f'{s} {entries[s].shape}' for s in sources)} (needed {expected[engine_name]})")
-        for s in sources:
-            scale = _scale_key(s, entries)
-            if scale:
-                used.add(scale)
-                try:  # multiplied into the weight on load: it must broadcast to the weight's shape
-                    fits = list(torch.broadcast_shapes(entries[scale].shape, entries[s].shape)) == entries[s].shape
-                except RuntimeError:
-                    fits = False
-                if not fits:
-                    wrong.append(f"{scale} {entries[scale].shape} (a scale for {s} {entries[s].shape})")
+            wrong.append(f"{' + '.join(f'{s} {shape}' for s, shape in zip(sources, shapes))} "
+                         f"(needed {expected[engine_name]})")
     unknown = sorted(k for k in entries if k not in used and not skipped(k.removeprefix(prefix)))
     missing = sorted(set(expected) - set(plan))
     if unknown:
@@ -332,7 +356,7 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
         for name, sources in info.plan.items():
             if gguf is not None and _keep_quantized(model, name, sources, gguf, device):
                 continue
-            tensor = assemble(sources, info.entries, read).to(device=device, dtype=dtype)
+            tensor = assemble(sources, info.quantized, read).to(device=device, dtype=dtype)
             module_name, _, param_name = name.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
             setattr(module, param_name, torch.nn.Parameter(tensor, requires_grad=False))
@@ -400,7 +424,8 @@ def inspect_controlnet(path: str) -> tuple[ZImageConfig, ControlConfig, dict[str
         control = ControlConfig(**{**control.__dict__, "broken": broken})
     with torch.device("meta"):
         expected = {k: list(p.shape) for k, p in ControlNet(cfg, control).named_parameters()}
-    check_names(name, expected, plan, entries, what="Z-Image Fun ControlNet")
+    check_names(name, expected, plan, entries, what="Z-Image Fun ControlNet",
+                quantized=_quantized(name, checkpoint_files(path), entries))
     return cfg, control, plan, entries
 
 
@@ -410,6 +435,7 @@ def load_controlnet(path: str, device: str | torch.device = "cpu", dtype: torch.
     from safetensors import safe_open
 
     cfg, control, plan, entries = inspect_controlnet(path)
+    quantized = _quantized(os.path.basename(path), checkpoint_files(path), entries)
     with torch.device("meta"):
         net = ControlNet(cfg, control, attention=attention, ops=ops)
     handles = {}
@@ -419,7 +445,7 @@ def load_controlnet(path: str, device: str | torch.device = "cpu", dtype: torch.
                 file = entries[key].file
                 handles.setdefault(file, safe_open(file, framework="pt", device="cpu"))
                 return handles[file].get_tensor(key)
-            tensor = assemble(sources, entries, read)
+            tensor = assemble(sources, quantized, read)
             owner, _, attr = engine_name.rpartition(".")
             setattr(net.get_submodule(owner), attr, torch.nn.Parameter(
                 tensor.to(device=device, dtype=dtype or tensor.dtype), requires_grad=False))

@@ -179,3 +179,15 @@ def checkpoint_files(path: str) -> list[str]:
     if not files:
         raise CheckpointError(f"{folder} holds no .safetensors files")
     return [os.path.join(folder, f) for f in files]
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+    """A safetensors file's __metadata__ (ComfyUI keeps the settings of quantized layers there, quant.py); {} for
+    a file of another format. For a file read_safetensors_header has checked."""
+    with open(path, "rb") as f:
+        if f.read(9)[8:9] != b"{":  # not a safetensors header (read_safetensors_header's test)
+            return {}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}

@@ -27,8 +27,9 @@ RENAMES = [
     (".attention.norm_k.", ".attention.k_norm.", 0, 1),
 ]
 
-# per-tensor companions of fp8 weights in ComfyUI's scaled-fp8 files; folded into the weight on load
-SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+# the scales of quantized weights in ComfyUI's files (quant.py says which format has which); folded into the
+# weight on load
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".weight_scale_2")
 IGNORED_KEYS = re.compile(r"(^scaled_fp8$|\.scale_input$|\.input_scale$|\.comfy_quant$)")
 
 # Tensors that real Z-Image files carry and no Z-Image model uses, matched without the prefix: they are skipped on
