@@ -39,10 +39,14 @@ OMNI_FILE = "z_image_edit_bf16.safetensors"
 VISION_FILE = "sigclip_vision_patch14_384.safetensors"
 NAFLEX_FILE = "siglip2_so400m_patch16_naflex.safetensors"  # written where the host has NaFlex (0.14 and later)
 # Fun ControlNets in models/model_patches: the name ComfyUI's official template loads (version 1.0's layout), and an
-# inpainting one (2.1 lite's: 3 control layers, 33 input channels, refiner hints)
+# inpainting one (2.0's: 15 control layers, 33 input channels, refiner hints; ComfyUI 0.8 knows no 2.1 lite)
 CONTROL_FILES = {"Z-Image-Turbo-Fun-Controlnet-Union.safetensors": dict(n_control_layers=6),
-                 "Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite.safetensors":
-                     dict(n_control_layers=3, in_channels=33, refiner_control=True)}
+                 "Z-Image-Turbo-Fun-Controlnet-Union-2.0.safetensors":
+                     dict(n_control_layers=15, in_channels=33, refiner_control=True)}
+# what ComfyUI's official Z-Image templates load besides the above (tests/test_templates.py): their input images
+# (small: the ControlNet template samples at its image's size) and the 2K upscaler's ESRGAN, tiny
+TEMPLATE_IMAGES = {"image_z_image_turbo_fun_union_controlnet_input_image.png": (192, 256), "fighter_jet.png": (96, 64)}
+UPSCALE_FILE = "RealESRGAN_x4plus.safetensors"
 
 
 def write_transformer(path: Path, seed: int = 0, cfg: ZImageConfig = TINY_DIT):

@@ -6,8 +6,6 @@ the file holds. The test server's files are tiny: it builds the module at the ti
 (tests/comfy_host.py TINY_DIT: width 64, 4 heads, an FFN of int(64 * 8 / 3) = 170, not rounded).
 """
 
-import functools
-
 import comfy.ldm.lumina.controlnet
 
 TINY = dict(dim=64, n_heads=4, n_kv_heads=4, multiple_of=1)
@@ -17,9 +15,14 @@ def install():
     control = comfy.ldm.lumina.controlnet.ZImage_Control
     if getattr(control, "tiny", False):
         return
-    tiny = functools.partial(control, **TINY)
-    tiny.tiny = True
-    comfy.ldm.lumina.controlnet.ZImage_Control = tiny
+
+    class TinyZImageControl(control):  # a subclass: ComfyUI's nodes check isinstance(..., ZImage_Control)
+        tiny = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, **TINY})
+
+    comfy.ldm.lumina.controlnet.ZImage_Control = TinyZImageControl
 
 
 install()
