@@ -134,7 +134,9 @@ class ZImageLoader:
         except CheckpointError as e:
             raise ValueError(f"ZImageLoader: {e}") from None
         model = comfy_model(transformer, storage, cuda_graphs=cuda_graphs, compile=compile)
-        summary = (f"Z-Image: loaded {model_name} ({info.format} format, {info.variant}, stored {info.stored_dtype}); "
+        quantized = f", quantized weights dequantized on load: {info.quantization}" if info.quantization else ""
+        summary = (f"Z-Image: loaded {model_name} ({info.format} format, {info.variant}, stored {info.stored_dtype}"
+                   f"{quantized}); "
                    + what_will_run(model.model.runner, load_device, attention, compute, storage, fp8_matmuls, compile))
         logging.info(summary)
         return {"ui": {"text": [summary]}, "result": (model,)}

@@ -289,3 +289,35 @@ def test_loaded_weights_equal_comfyuis_dequantization(comfyui_path, tmp_path, fm
     for key, value in theirs.items():
         torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=key)
         torch.testing.assert_close(expected[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# --- through ZImageLoader in ComfyUI's server ----------------------------------------------------------------------
+
+@pytest.mark.host
+def test_the_loader_node_loads_a_repack_and_refuses_another_format_by_name(comfy_server):
+    from comfy_host import TINY_DIT, load_workflow, shrink
+
+    assert TINY_DIT == CFG
+    folder = comfy_server.base / "models" / "diffusion_models"
+    nvfp4, mxfp8 = folder / "z_image_turbo_nvfp4.safetensors", folder / "z_image_turbo_mxfp8.safetensors"
+    write_quantized(str(nvfp4), "nvfp4")
+    write_quantized(str(mxfp8), "float8_e4m3fn")
+    _edit(str(mxfp8), _set_marker("layers.0.attention.qkv", {"format": "mxfp8"}))
+    try:
+        prompt = shrink(load_workflow("zimage_turbo_t2i.api.json"))
+        prompt["1"]["inputs"]["model_name"] = nvfp4.name
+        entry = comfy_server.run(prompt)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        (summary,) = entry["outputs"]["1"]["text"]
+        assert "nvfp4" in summary and "dequantized on load" in summary, summary
+
+        prompt["1"]["inputs"]["model_name"] = mxfp8.name
+        entry = comfy_server.run(prompt)
+        assert entry["status"]["status_str"] == "error"
+        (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert error["node_type"] == "ZImageLoader"
+        message = error["exception_message"]
+        assert "'mxfp8' format" in message and "z_image_turbo_bf16.safetensors" in message, message
+    finally:
+        nvfp4.unlink()
+        mxfp8.unlink()
