@@ -51,16 +51,20 @@ if mode == "dynamic_vram":
     if not dynamic:
         raise SystemExit("comfy-aimdo could not drive this GPU: dynamic VRAM is off")
 
-import zimage_tiny_text_encoder  # noqa: E402,F401  (the test shims install themselves on import)
+import zimage_tiny_controlnet  # noqa: E402,F401  (the test shims install themselves on import)
+import zimage_tiny_text_encoder  # noqa: E402,F401
 import zimage_tiny_vision  # noqa: E402,F401
 from comfy_host import import_pack, load_workflow, shrink  # noqa: E402
 
 import comfy_extras.nodes_model_advanced  # noqa: E402  (ModelSamplingAuraFlow; main.py loads comfy_extras)
+import comfy_extras.nodes_model_patch  # noqa: E402  (ModelPatchLoader and the Fun ControlNet nodes)
 
 pack = import_pack()
 nodes.NODE_CLASS_MAPPINGS.update(pack.NODE_CLASS_MAPPINGS)
 nodes.NODE_CLASS_MAPPINGS.update(comfy_extras.nodes_model_advanced.NODE_CLASS_MAPPINGS)
-for folder in ("diffusion_models", "text_encoders", "vae"):
+nodes.NODE_CLASS_MAPPINGS.update(comfy_extras.nodes_model_patch.NODE_CLASS_MAPPINGS)
+folder_paths.set_input_directory(os.path.join(base, "input"))
+for folder in ("diffusion_models", "text_encoders", "vae", "model_patches"):
     folder_paths.add_model_folder_path(folder, os.path.join(base, "models", folder))
 folder_paths.set_output_directory(os.path.join(base, "output"))
 
@@ -98,26 +102,58 @@ class Server:
 
 
 RUN = f"{mode}_{uuid.uuid4().hex[:8]}"  # this run's file names in the shared output folder
-turbo = shrink(load_workflow("zimage_turbo_t2i.api.json"))
-turbo["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"{RUN}_zimage"}}
-template = shrink(load_workflow("zimage_turbo_t2i.api.json"))
-template["6"] = {"class_type": "KSampler", "inputs": {
-    "model": ["30", 0], "positive": ["4", 0], "negative": ["4", 1], "latent_image": ["5", 0], "seed": 5, "steps": 8,
-    "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-template["30"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 3.0}}
-template["20"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"{RUN}_ksampler"}}
+
+
+def saving(prompt: dict, name: str, sampler_node: str = "6") -> dict:
+    prompt["20"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_node, 0], "filename_prefix": f"{RUN}_{name}"}}
+    return prompt
+
+
+def with_ksampler(prompt: dict, sampler: str = "euler", scheduler: str = "simple", cfg: float = 1.0,
+                  denoise: float = 1.0) -> dict:
+    """The official templates' sampling in place of ZImageSampler: ModelSamplingAuraFlow 3 + KSampler, 8 steps."""
+    model = prompt["6"]["inputs"]["model"]
+    prompt["6"] = {"class_type": "KSampler", "inputs": {
+        "model": ["30", 0], "positive": ["4", 0], "negative": ["4", 1], "latent_image": ["5", 0], "seed": 5, "steps": 8,
+        "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler, "denoise": denoise}}
+    prompt["30"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": model, "shift": 3.0}}
+    return prompt
+
+
+def controlnet() -> dict:
+    """The shipped ControlNet workflow, its Canny step left out (the control image as it is): the engine's part."""
+    prompt = shrink(load_workflow("zimage_turbo_controlnet.api.json"))
+    del prompt["12"]
+    prompt["14"]["inputs"]["image"] = ["11", 0]
+    return prompt
+
+
+turbo = lambda: shrink(load_workflow("zimage_turbo_t2i.api.json"))  # noqa: E731
+# name: (prompt, model evaluations). Each runs at one shape throughout, so all evaluations but the first replay.
+PROMPTS = {
+    "zimage": (saving(turbo(), "zimage"), 8),
+    "ksampler": (saving(with_ksampler(turbo()), "ksampler"), 8),
+    # the official templates' samplers: Turbo's res_multistep, Base's cfg 4 (cond and uncond batched in one
+    # evaluation), the 2K upscaler's dpmpp_2m_sde / beta at denoise 0.33 (8 of 24 steps)
+    "res_multistep": (saving(with_ksampler(turbo(), "res_multistep"), "res_multistep"), 8),
+    "cfg4": (saving(with_ksampler(turbo(), cfg=4.0), "cfg4"), 8),
+    "dpmpp_2m_sde_beta": (saving(with_ksampler(turbo(), "dpmpp_2m_sde", "beta", denoise=0.33), "dpmpp_2m_sde_beta"), 8),
+    "controlnet_zimage": (saving(controlnet(), "controlnet_zimage"), 8),
+    "controlnet_ksampler": (saving(with_ksampler(controlnet(), "res_multistep"), "controlnet_ksampler"), 8),
+}
 
 executor = execution.PromptExecutor(Server(), cache_type=False, cache_args={"lru": 0, "ram": 0})
 results = {}
-for name, prompt in (("zimage", turbo), ("ksampler", template)):
+for name, (prompt, evaluations) in PROMPTS.items():
     replays.clear()
     outputs = [node for node, spec in prompt.items() if spec["class_type"] in ("SaveImage", "SaveLatent")]
     executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
     if not executor.success:
         raise SystemExit(f"{name}: {executor.status_messages[-1]}")
-    (latent,) = [f for f in os.listdir(os.path.join(base, "output")) if f.startswith(f"{RUN}_{name}")]
+    (latent,) = [f for f in os.listdir(os.path.join(base, "output")) if f.startswith(f"{RUN}_{name}_")]
     results[f"{name}_samples"] = load_file(os.path.join(base, "output", latent))["latent_tensor"]
     results[f"{name}_replays"] = torch.tensor(len(replays))
+    results[f"{name}_evaluations"] = torch.tensor(evaluations)
 
 save_file({**results, "dynamic": torch.tensor(int(dynamic)),
            "async_allocator": torch.tensor(int(torch.cuda.get_allocator_backend() == "cudaMallocAsync")),

@@ -344,3 +344,51 @@ def test_sampling_with_cuda_graphs_matches_and_frees_them(cpu_model):
     kwargs = dict(negative=negative, guidance=3.0, cfg_truncation=0.5)  # guided (batch 2), then batch 1
     assert torch.equal(sample(graphed, noise, sigmas, captions, **kwargs), sample(plain, noise, sigmas, captions, **kwargs))
     assert not graphed.graphs.graphs  # released when sampling ends
+
+
+def test_a_controlnet_runs_on_every_gpu_path():
+    """A Fun ControlNet (2.0's layout: 15 control layers, inpainting channels, refiner hints) through the GPU paths:
+    CUDA graphs replay the eager result bit for bit with new control latents and strengths at every call (one capture);
+    streamed main weights give the resident result; under fp8 matmuls graphs replay fp8's eager result, which stays
+    close to bf16; bf16 stays close to float32 on the CPU."""
+    from zimage import ControlConfig, ControlHints, ControlNet
+
+    cfg = ZImageConfig(dim=768, n_heads=6, n_layers=4, n_refiner_layers=2, ffn_hidden=2048, cap_feat_dim=256)
+    source = randomize_(S3DiT(cfg), seed=30).eval()
+    control = randomize_(ControlNet(cfg, ControlConfig(n_control_layers=15, in_channels=33, refiner_control=True)),
+                         seed=31).eval()
+    gpu_control = ControlNet(cfg, control.control).to("cuda", torch.bfloat16).eval()
+    gpu_control.load_state_dict(control.state_dict())
+
+    def network(device="cuda", fp8=False):
+        model = S3DiT(cfg).to(device, torch.bfloat16).eval()
+        model.load_state_dict(source.state_dict())
+        if fp8:
+            use_fp8_matmuls(model)
+        return model
+
+    g = torch.Generator().manual_seed(32)
+    calls = []
+    for sigma, strength in ((0.9, 1.0), (0.6, 0.65), (0.3, -0.4)):
+        calls.append((torch.randn(1, 16, 32, 48, generator=g).cuda().bfloat16(), torch.tensor([sigma], device="cuda"),
+                      [torch.randn(40, cfg.cap_feat_dim, generator=g).cuda().bfloat16()],
+                      torch.randn(1, 33, 32, 48, generator=g).cuda().bfloat16(), strength))
+    streamed = Runner(network("cpu"))
+    streamed.stream_weights("cuda")
+    runners = {"eager": Runner(network()), "graphed": Runner(network(), cuda_graphs=True), "streamed": streamed,
+               "fp8": Runner(network(fp8=True)), "fp8 graphed": Runner(network(fp8=True), cuda_graphs=True)}
+    with torch.no_grad():
+        for latents, sigma, captions, hint_latent, strength in calls:
+            hints = [ControlHints(gpu_control, hint_latent, strength)]
+            out = {name: runner(latents, sigma, captions, control=hints) for name, runner in runners.items()}
+            assert torch.equal(out["graphed"], out["eager"])
+            assert torch.equal(out["streamed"], out["eager"])
+            assert torch.equal(out["fp8 graphed"], out["fp8"])
+            assert rel_err(out["fp8"].float(), out["eager"].float()) < 0.1
+            without = runners["eager"](latents, sigma, captions)
+            assert rel_err(out["eager"].float(), without.float()) > 1e-2  # the hints count
+        reference = Runner(source)(latents.float().cpu(), sigma.cpu(), [captions[0].float().cpu()],
+                                   control=[ControlHints(control, hint_latent.float().cpu(), strength)])
+        assert rel_err(out["eager"].float().cpu(), reference) < 3e-2
+    for name in ("graphed", "fp8 graphed"):  # captured once, replayed with each call's control inputs
+        assert len(runners[name].graphs.graphs) == 1 and None not in runners[name].graphs.graphs.values(), name
