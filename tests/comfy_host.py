@@ -98,10 +98,26 @@ def write_controlnet(path: Path, seed: int, **control):
     save_file({k: v.to(torch.bfloat16) for k, v in fun_file_format(net.state_dict()).items()}, str(path))
 
 
+def write_upscaler(path: Path):
+    """A tiny 4x ESRGAN (spandrel's, the library ComfyUI's UpscaleModelLoader reads it with)."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    model = randomize_(ESRGAN(num_filters=8, num_blocks=1, scale=4), seed=8, spread=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def write_image(path: Path, size: tuple[int, int], seed: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+
+
 def build_base_directory(base: Path) -> Path:
     """A ComfyUI base directory: models, custom_nodes (this pack + the test shim), input, output."""
     models = base / "models"
-    for sub in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision", "model_patches"):
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision", "model_patches", "upscale_models"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     for name in TRANSFORMER_FILES:
         write_transformer(models / "diffusion_models" / name)
@@ -113,6 +129,7 @@ def build_base_directory(base: Path) -> Path:
     write_vae(models / "vae" / "ae.safetensors")
     for seed, (name, control) in enumerate(CONTROL_FILES.items(), start=6):
         write_controlnet(models / "model_patches" / name, seed, **control)
+    write_upscaler(models / "upscale_models" / UPSCALE_FILE)
     custom_nodes = base / "custom_nodes"
     custom_nodes.mkdir(exist_ok=True)
     (custom_nodes / "comfyui-zimage").symlink_to(PACK_ROOT, target_is_directory=True)
@@ -120,11 +137,9 @@ def build_base_directory(base: Path) -> Path:
         shutil.copy(shim, custom_nodes / shim.name)
     (base / "input").mkdir(exist_ok=True)
     (base / "output").mkdir(exist_ok=True)
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(3)
-    pixels = (torch.rand(256, 320, 3, generator=g) * 255).to(torch.uint8).numpy()
-    Image.fromarray(pixels).save(base / "input" / "example.png")
+    write_image(base / "input" / "example.png", (320, 256), seed=3)
+    for seed, (name, size) in enumerate(TEMPLATE_IMAGES.items(), start=10):
+        write_image(base / "input" / name, size, seed)
     return base
 
 
