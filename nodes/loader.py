@@ -11,6 +11,7 @@ import comfy.model_management as mm
 import folder_paths
 
 from ..zimage import ATTENTION_BACKENDS, CheckpointError, inspect_checkpoint, load_transformer, scaled_mm_supported
+from ..zimage.gguf_file import describe_types
 from .comfy_model import comfy_model, comfy_ops
 
 WEIGHT_DTYPES = ["default", "bf16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast"]
@@ -31,8 +32,23 @@ def diffusers_folders() -> list[str]:
     return found
 
 
+def gguf_files() -> list[str]:
+    """GGUF transformers inside the diffusion_models folders, named relative to their folder as ComfyUI names files.
+
+    ComfyUI lists diffusion_models with the extensions its own loaders read, and .gguf is not one: adding it to
+    that folder's extensions would put GGUFs in UNETLoader's list (and every other pack's that reads the list),
+    where they fail to load. ComfyUI-GGUF lists them under a folder name of its own, `unet_gguf`, over the same
+    folders; that name is its to register (two packs registering it would overwrite each other's), so this
+    loader scans the diffusion_models folders itself."""
+    found = set()
+    for root in folder_paths.get_folder_paths("diffusion_models"):
+        files, _ = folder_paths.recursive_search(root, excluded_dir_names=[".git"])
+        found.update(folder_paths.filter_files_extensions(files, {".gguf"}))
+    return sorted(found)
+
+
 def model_choices() -> list[str]:
-    return folder_paths.get_filename_list("diffusion_models") + diffusers_folders()
+    return folder_paths.get_filename_list("diffusion_models") + gguf_files() + diffusers_folders()
 
 
 def resolve(model_name: str) -> str:
@@ -83,13 +99,16 @@ class ZImageLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (model_choices(), {"tooltip": "A Z-Image transformer from models/diffusion_models: a ComfyUI "
-                                             "single file (bf16, fp16, fp32, fp8) or a diffusers folder."}),
+                                             "single file (bf16, fp16, fp32, fp8), a GGUF (Q8_0 ... Q2_K: its "
+                                             "matrices stay quantized, dequantized at each use) or a diffusers "
+                                             "folder."}),
             "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip":
                              "default: bf16 where the device supports it (fp8 files stay fp8 in memory); "
                              "fp8_e4m3fn: the blocks' matrices in fp8, computed in bf16, about half the memory. "
                              "fp8_e4m3fn_fast: fp8 matrix multiplies too (per-row weight scales, activations "
                              "per token) on Ada/Hopper GPUs: about 1.4x faster than bf16 on an H100. The result "
-                             "moves a little."}),
+                             "moves a little. A quantized GGUF keeps its own quantization: default, bf16 or fp32 "
+                             "(the dtype its matrices are dequantized to)."}),
             "attention": (list(ATTENTION_BACKENDS), {"default": "auto", "tooltip":
                           "Attention kernel, chosen once at load. auto prefers cuDNN, then flash, then the others."}),
         }, "optional": {  # optional, so that workflows saved before this option still load
@@ -111,9 +130,17 @@ class ZImageLoader:
             info = inspect_checkpoint(path)
         except CheckpointError as e:
             raise ValueError(f"ZImageLoader: {e}") from None
+        # a GGUF whose blocks' matrices are GGML blocks (not BF16/F16 ones): they stay as they are (quantized.py)
+        quantized_gguf = info.format == "gguf" and info.stored_dtype == torch.uint8
+        if quantized_gguf and weight_dtype.startswith("fp8"):
+            raise ValueError(f"ZImageLoader: {model_name} is a quantized GGUF ({describe_types(info.entries)}): its "
+                             f"matrices keep that quantization in memory and are dequantized at each use, so there "
+                             f"is nothing to store or multiply in fp8 and weight_dtype {weight_dtype} cannot apply. "
+                             f"Choose default, bf16 or fp32 (the dtype they are dequantized to), or load the bf16 "
+                             f"safetensors model for fp8.")
         load_device = mm.get_torch_device()
         compute = mm.unet_dtype(device=load_device, model_params=0, supported_dtypes=[torch.bfloat16, torch.float32])
-        storage = info.stored_dtype if info.stored_dtype.itemsize == 1 else None
+        storage = info.stored_dtype if info.stored_dtype.itemsize == 1 and not quantized_gguf else None
         if weight_dtype == "bf16":
             compute, storage = torch.bfloat16, None
         elif weight_dtype == "fp32":
@@ -135,7 +162,10 @@ class ZImageLoader:
             raise ValueError(f"ZImageLoader: {e}") from None
         model = comfy_model(transformer, storage, cuda_graphs=cuda_graphs, compile=compile)
         quantized = f", quantized weights dequantized on load: {info.quantization}" if info.quantization else ""
-        summary = (f"Z-Image: loaded {model_name} ({info.format} format, {info.variant}, stored {info.stored_dtype}"
+        stored = f"GGML types {describe_types(info.entries)}" if info.format == "gguf" else info.stored_dtype
+        if quantized_gguf:
+            quantized = ", the blocks' quantized matrices kept as they are and dequantized at each use"
+        summary = (f"Z-Image: loaded {model_name} ({info.format} format, {info.variant}, stored {stored}"
                    f"{quantized}); "
                    + what_will_run(model.model.runner, load_device, attention, compute, storage, fp8_matmuls, compile))
         logging.info(summary)

@@ -207,7 +207,8 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
             raise CheckpointError(f"{name} is an incomplete Z-Image{' Omni/Edit' if cfg.siglip_feat_dim else ''} "
                                   f"transformer: its {stack} has {_depth(plan, stack)} blocks, where the rest of it "
                                   f"makes {depth}. Re-download it.")
-    quantized = _quantized(name, files, entries)
+    # ComfyUI's quantized repacks are safetensors files; a GGUF's quantization is its tensors' GGML types
+    quantized = {} if is_gguf(files[0]) else _quantized(name, files, entries)
     check_layout(name, cfg, plan, entries, prefix, quantized)
     fmt = "diffusers" if any("to_q" in k or "all_x_embedder" in k for k in keys) else "comfyui"
     stored = SAFETENSORS_DTYPES.get(entries[plan["layers.0.attention.qkv.weight"][0]].dtype, torch.float32)

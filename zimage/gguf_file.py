@@ -121,11 +121,13 @@ class GGUFFile:
 
 
 def describe_types(entries: dict[str, TensorEntry]) -> str:
-    """The GGML types of a file's tensors and how many of each, most first: "Q4_K 150, F32 200, BF16 45"."""
+    """The GGML types of a file's tensors and how many of each: the block quantizations first (what the file is),
+    then the float types, each most first: "Q4_K 120, Q5_K 30, Q6_K 30, F32 200, BF16 45"."""
     counts: dict[str, int] = {}
     for entry in entries.values():
         counts[entry.dtype] = counts.get(entry.dtype, 0) + 1
-    return ", ".join(f"{t} {n}" for t, n in sorted(counts.items(), key=lambda item: -item[1]))
+    order = sorted(counts.items(), key=lambda item: (item[0] not in FORMATS, -item[1]))
+    return ", ".join(f"{t} {n}" for t, n in order)
 
 
 def _string_field(reader, key: str) -> str | None:
