@@ -8,18 +8,24 @@ offloading address it exactly as they address the native model.
 
 from __future__ import annotations
 
+import copy
+import weakref
+
 import torch
 
 import comfy.conds
 import comfy.float
+import comfy.lora
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.ops
 import comfy.supported_models
+import comfy.weight_adapter
 
-from ..zimage import E4M3, E4M3_MAX, Fp8Linear, Ops, RMSNorm, Runner, S3DiT
+from ..zimage import E4M3, E4M3_MAX, Fp8Linear, Ops, QuantizedLinear, RMSNorm, Runner, S3DiT
+from ..zimage.ggml import dequantize
 from .controlnet import control_patches, engine_hints, is_control_patch
 from .reference_images import REFERENCE_KEYS, omni_inputs, reference_conds
 
@@ -61,7 +67,7 @@ class ZImageModel(comfy.model_base.Lumina2):
             captions, references = omni_inputs(captions, conds)
         # the Fun ControlNet nodes' patches: the engine runs them (nodes/controlnet.py)
         patches = control_patches(transformer_options)
-        control = engine_hints(patches, self.runner.cfg, x.shape, x.device, CONTROL_OPS) if patches else None
+        control = engine_hints(patches, self.runner.cfg, x.shape, x.device) if patches else None
         v = self.runner(self.model_sampling.calculate_input(sigma, x), sigma.float(), captions, references=references,
                         control=control)
         return self.model_sampling.calculate_denoised(sigma, v.float(), x)
@@ -131,6 +137,109 @@ class ComfyFp8Linear(Fp8Linear):
             self.weight = torch.nn.Parameter(codes, requires_grad=False)
 
 
+class ComfyQuantizedLinear(QuantizedLinear, comfy.ops.CastWeightBiasOp):
+    """A GGUF file's block-quantized matrix (zimage.QuantizedLinear) as ComfyUI's weight patcher sees it. Its bytes
+    cannot hold a LoRA'd matrix, so a LoRA applies at each use instead: the matrix dequantized to float32, patched
+    by ComfyUI's own calculate_weight, then cast to the compute dtype.
+
+    Which patches apply follows the patcher's own bookkeeping, so that each applies exactly once:
+    - when the patcher merges a patch (patch_weight_to_device, a module loaded whole), it computes the patched
+      matrix through convert_weight and hands it to set_weight, the hooks of ComfyUI's quantized ops. set_weight
+      keeps the bytes and marks the weight as merged: the weight Parameter is replaced by a new one on the same
+      bytes, and the patch applies while that Parameter is the layer's. The patcher's unpatch (and its partial
+      unload) restores its backup as another Parameter, which ends it. attach_quantized_patches (ON_LOAD) gives the
+      merged layer the patcher's patches for its key, their tensors moved once to where its bytes are (on the GPU
+      they are read in place, so a CUDA graph captures the patch with the matrix);
+    - a module the patcher leaves in host memory (lowvram) gets ComfyUI's LowVramPatch in weight_function
+      instead, computed per use as for every castable op; weight_function's other entries (weight wrappers)
+      apply too, after the merged patch.
+    0.14's patch_weight_to_device(return_weight=True) gets the patched float matrix from set_weight. Weight hooks
+    (Create Hook LoRA), which write a patched weight into the layer in place, are refused."""
+
+    merged_patch = None  # the merging patcher's patches of this weight (attach_quantized_patches), or None
+    _merged = None  # weakref to the weight Parameter a merge left, whose presence says the patch applies
+
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
+        """The patcher's float copy of the stored bytes (each value exact in any float dtype) -> the matrix they
+        stand for, float32 [out_features, in_features]."""
+        return dequantize(weight.to(torch.uint8), self.qtype, torch.float32)
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
+                   **kwargs) -> torch.Tensor | None:
+        if return_weight:
+            return weight
+        if inplace_update:
+            raise ValueError("a weight hook (Create Hook LoRA and the hook nodes) patches weights in place, which a "
+                             "GGUF model's quantized matrices cannot hold. Apply the LoRA with ZImageLoraLoader or "
+                             "LoraLoaderModelOnly, or load the safetensors model for hooks.")
+        self.weight = torch.nn.Parameter(self.weight.data, requires_grad=False)
+        self._merged = weakref.ref(self.weight)
+
+    def patches_at_use(self) -> list:
+        """The callables that patch the float32 matrix at this use, in order."""
+        functions = list(self.weight_function)
+        merged = self._merged is not None and self._merged() is self.weight
+        host_patched = any(isinstance(f, comfy.model_patcher.LowVramPatch) for f in functions)
+        if merged and self.merged_patch is not None and not host_patched:
+            functions.insert(0, self.merged_patch)
+        return functions
+
+    def weight_and_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        patches = self.patches_at_use()
+        if not patches and not self.bias_function:
+            return super().weight_and_bias(x)
+        weight = self.dequantized(torch.float32, x.device)
+        for patch in patches:
+            weight = patch(weight)
+        bias = None if self.bias is None else self.bias.to(x)
+        for patch in self.bias_function:
+            bias = patch(bias)
+        return weight.to(x.dtype), bias
+
+
+class QuantizedWeightPatch:
+    """A patcher's patches of one quantized weight, applied to the dequantized matrix at each use as ComfyUI's
+    LowVramPatch applies them, with their tensors on `device` (copied once, not at every use)."""
+
+    def __init__(self, key: str, patches: list, device: torch.device):
+        self.key = key
+        self.patches = _on_device(patches, device)
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return comfy.lora.calculate_weight(self.patches, weight, self.key, intermediate_dtype=weight.dtype)
+
+
+def _on_device(value, device: torch.device):
+    """A patch list (entries of tensors, weight adapters and nested tuples) with its tensors on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, comfy.weight_adapter.WeightAdapterBase):
+        moved = copy.copy(value)
+        moved.weights = _on_device(value.weights, device)
+        return moved
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_device(v, device) for v in value)
+    return value
+
+
+def attach_quantized_patches(patcher, device_to=None, *args) -> None:
+    """ON_LOAD: each quantized layer gets the loading patcher's patches of its weight (ComfyQuantizedLinear), or
+    none; the CUDA graphs, captured with the patches before, are dropped."""
+    for name, module in patcher.model.named_modules():
+        if isinstance(module, ComfyQuantizedLinear):
+            key = name + ".weight"
+            patches = patcher.patches.get(key)
+            module.merged_patch = QuantizedWeightPatch(key, patches, module.weight.device) if patches else None
+    release_graphs(patcher)
+
+
+def detach_quantized_patches(patcher, *args) -> None:
+    """ON_DETACH: the patches' copies on the GPU go with the model's weights."""
+    for module in patcher.model.modules():
+        if isinstance(module, ComfyQuantizedLinear):
+            module.merged_patch = None
+
+
 class ComfyRMSNorm(RMSNorm, comfy.ops.CastWeightBiasOp):
     """The engine's RMSNorm, castable as ComfyUI's own norms are: lowvram may leave its weight in host memory,
     and a LoRA may patch it at each use. Its weight is cast and patched the way ComfyUI's ops do it, in
@@ -144,16 +253,6 @@ class ComfyRMSNorm(RMSNorm, comfy.ops.CastWeightBiasOp):
         return self.weight
 
 
-class CastRMSNorm(ComfyRMSNorm):
-    comfy_cast_weights = True
-
-
-# The layers of the engine's ControlNet on ModelPatchLoader's module (nodes/controlnet.py). ComfyUI builds that
-# module with its manual_cast ops, which cast each weight to the input's device and dtype at every use, and its
-# partial loading may leave some of them in host memory: the engine's layers on the same weights cast them alike.
-CONTROL_OPS = Ops(Linear=comfy.ops.manual_cast.Linear, RMSNorm=CastRMSNorm)
-
-
 def _manual_cast(storage_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> torch.dtype | None:
     """ComfyUI's name for weights stored in one dtype and computed in another: the dtype they are cast to."""
     return compute_dtype if storage_dtype is not None and storage_dtype != compute_dtype else None
@@ -162,9 +261,9 @@ def _manual_cast(storage_dtype: torch.dtype | None, compute_dtype: torch.dtype) 
 def comfy_ops(storage_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> Ops:
     """The layer classes a transformer is built with to be managed by ComfyUI: its own castable Linear (cast at
     each use when lowvram partial loading leaves a weight in host memory, or when the weights are stored in
-    storage_dtype and computed in compute_dtype), ComfyRMSNorm and ComfyFp8Linear."""
+    storage_dtype and computed in compute_dtype), ComfyRMSNorm, ComfyFp8Linear and ComfyQuantizedLinear."""
     ops = comfy.ops.pick_operations(storage_dtype or compute_dtype, _manual_cast(storage_dtype, compute_dtype))
-    return Ops(Linear=ops.Linear, RMSNorm=ComfyRMSNorm, Fp8Linear=ComfyFp8Linear)
+    return Ops(Linear=ops.Linear, RMSNorm=ComfyRMSNorm, Fp8Linear=ComfyFp8Linear, QuantizedLinear=ComfyQuantizedLinear)
 
 
 def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None, cuda_graphs: bool = False,
@@ -197,11 +296,20 @@ def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None, cu
     # ComfyUI's own samplers end with cleanup(): free the CUDA graphs and streaming buffers there, as
     # ZImageSampler does
     patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, release_buffers)
+    if any(isinstance(m, ComfyQuantizedLinear) for m in transformer.modules()):
+        patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, attach_quantized_patches)
+        patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, detach_quantized_patches)
     return patcher
 
 
 def release_buffers(patcher) -> None:
     patcher.model.runner.release_buffers()
+
+
+def release_graphs(patcher) -> None:
+    graphs = patcher.model.runner.graphs
+    if graphs is not None:
+        graphs.clear()
 
 
 def engine_of(model_patcher) -> Runner:

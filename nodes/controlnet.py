@@ -3,8 +3,9 @@
 ModelPatchLoader loads a Fun ControlNet file into ComfyUI's ZImage_Control module; ZImageFunControlnet and
 QwenImageDiffsynthControlnet register a ZImageControlPatch (the control module, the encoded control image,
 strength) as a `noise_refiner` and a `double_block` patch of the MODEL. With ZImageLoader's MODEL the engine
-runs them itself (zimage/control.py): its ControlNet shares the module's weights (no copy; ComfyUI's model
-management still loads and offloads them), and its hints go where ComfyUI's patch puts them.
+runs them itself (zimage/control.py): its ControlNet is built on the module's own layers (no copy; ComfyUI's model
+management still loads, offloads and casts them, under dynamic VRAM too), and its hints go where ComfyUI's patch
+puts them.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import weakref
 import torch
 
 import comfy.model_management as mm
+import comfy.ops
 import comfy.utils
 
-from ..zimage import ControlConfig, ControlHints, ControlNet, Ops, ZImageConfig, engine_key
+from ..zimage import ControlConfig, ControlHints, ControlNet, RMSNorm, ZImageConfig, engine_key
 
-# the engine's ControlNet for each of ComfyUI's control modules, kept as long as the module lives
+# the engine's ControlNet for each of ComfyUI's control modules (with the layers it was built on), kept as long as the
+# module lives
 _nets: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[list, ControlNet]]" = weakref.WeakKeyDictionary()
 
 
@@ -37,30 +40,55 @@ def control_patches(transformer_options: dict) -> list:
     return found
 
 
-def engine_net(module: torch.nn.Module, cfg: ZImageConfig, ops: Ops) -> ControlNet:
-    """The engine's ControlNet, built with the host's layer classes `ops`, on the same parameters as ComfyUI's
-    ZImage_Control module."""
-    params = list(module.parameters())
+class HostNorm(RMSNorm):
+    """The engine's RMSNorm over a norm module ComfyUI manages: its weight as ComfyUI casts and patches it at each use
+    (ComfyUI builds the Fun ControlNet with manual_cast ops; lowvram or dynamic VRAM may keep it in host memory)."""
+
+    def __init__(self, source: torch.nn.Module, eps: float):
+        torch.nn.Module.__init__(self)  # no weight of its own: the source's
+        self.source, self.eps = source, eps
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.source.weight
+
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        return comfy.ops.cast_bias_weight(self.source, x)[0]
+
+
+def engine_net(module: torch.nn.Module, cfg: ZImageConfig) -> ControlNet:
+    """The engine's ControlNet run on ComfyUI's ZImage_Control module's own layers: its Linears as they are (their
+    forward casts, offloads and patches as ComfyUI does, dynamic VRAM included), its norms read through HostNorm.
+    Built once per module and kept while it lives."""
+    layers = [(name, source) for name, source in module.named_modules() if source._parameters]
     cached = _nets.get(module)
-    if cached is not None and len(cached[0]) == len(params) and all(a is b for a, b in zip(cached[0], params)):
+    if cached is not None and len(cached[0]) == len(layers) and all(a is b for a, (_, b) in zip(cached[0], layers)):
         return cached[1]
     control = ControlConfig(n_control_layers=module.n_control_layers, n_refiner_layers=len(module.control_noise_refiner),
                             in_channels=module.control_in_dim + module.additional_in_dim,
                             refiner_control=module.refiner_control, broken=module.broken)
     with torch.device("meta"):
-        net = ControlNet(cfg, control, ops=ops)
+        net = ControlNet(cfg, control)
     expected = dict(net.named_parameters())
-    for name, param in module.named_parameters():
-        engine_name, _, _ = engine_key(name)
-        if engine_name not in expected or expected[engine_name].shape != param.shape:
-            raise ValueError(f"this Fun ControlNet is for a Z-Image model of another shape: its {name} is "
-                             f"{list(param.shape)}, this model's is "
-                             f"{list(expected[engine_name].shape) if engine_name in expected else 'missing'}. Use the "
-                             f"ControlNet made for this model (Z-Image-Turbo's Fun ControlNet Union).")
-        owner, _, attr = engine_name.rpartition(".")
-        setattr(net.get_submodule(owner), attr, param)  # the same Parameter: where ComfyUI moves it, it is
+    for name, source in layers:
+        path = None
+        for param_name, param in source.named_parameters(recurse=False):
+            engine_name, _, _ = engine_key(f"{name}.{param_name}")
+            if engine_name not in expected or expected[engine_name].shape != param.shape:
+                raise ValueError(f"this Fun ControlNet is for a Z-Image model of another shape: its {name}.{param_name} "
+                                 f"is {list(param.shape)}, this model's is "
+                                 f"{list(expected[engine_name].shape) if engine_name in expected else 'missing'}. Use "
+                                 f"the ControlNet made for this model (Z-Image-Turbo's Fun ControlNet Union).")
+            path = engine_name.rpartition(".")[0]
+        ours = net.get_submodule(path)
+        owner, _, attr = path.rpartition(".")
+        setattr(net.get_submodule(owner), attr, HostNorm(source, ours.eps) if isinstance(ours, RMSNorm) else source)
+    missing = [name for name, param in net.named_parameters() if param.is_meta]
+    if missing:
+        raise ValueError(f"this Fun ControlNet lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: "
+                         f"the file is incomplete or of another kind; download it again")
     net.eval()
-    _nets[module] = (params, net)
+    _nets[module] = ([source for _, source in layers], net)
     return net
 
 
@@ -82,9 +110,9 @@ def control_latent(patch, latent_shape) -> torch.Tensor:
     return patch.encoded_image
 
 
-def engine_hints(patches: list, cfg: ZImageConfig, latent_shape, device, ops: Ops) -> list[ControlHints]:
+def engine_hints(patches: list, cfg: ZImageConfig, latent_shape, device) -> list[ControlHints]:
     hints = []
     for patch in patches:
-        net = engine_net(patch.model_patch.model, cfg, ops)
+        net = engine_net(patch.model_patch.model, cfg)
         hints.append(ControlHints(net, control_latent(patch, latent_shape).to(device), float(patch.strength)))
     return hints

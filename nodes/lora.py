@@ -5,8 +5,10 @@ qkv), under every prefix trainers write and in kohya style (Musubi Tuner: lora_u
 come from the engine's one table of names (zimage.source_keys), which also loads the diffusers files. A file's
 text-encoder (Qwen3) keys cannot apply to a MODEL: they are set aside and named, with the advice to load them
 onto the CLIP; a file of nothing else is refused. Patches go through ComfyUI's ModelPatcher, which merges them
-into the weights once when the model is loaded, not at every step. ComfyUI skips a key that matches no weight,
-or a patch it cannot compute, with a log line; here either is an error naming it (_MissedKeys, _misfits).
+into the weights once when the model is loaded, not at every step (a GGUF model's quantized matrices cannot hold a
+merged weight: they are patched at each use, nodes/comfy_model.py's ComfyQuantizedLinear). ComfyUI skips a key that
+matches no weight, or a patch it cannot compute, with a log line; here either is an error naming it (_MissedKeys,
+_misfits).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import folder_paths
 
 from .checks import require_finite
 from .comfy_model import engine_of
-from ..zimage import CheckpointError, read_safetensors_header, source_keys
+from ..zimage import CheckpointError, QuantizedLinear, read_safetensors_header, source_keys
 
 # What trainers write in front of a module's dotted name (ComfyUI's or diffusers'): nothing (DiffSynth-Studio,
 # which saves its own DiT's parameters, named as diffusers names them), ai-toolkit's diffusion_model., diffusers'
@@ -178,7 +180,7 @@ def _misfits(model_patcher, patches: dict) -> list[str]:
         key, offset = (target, None) if isinstance(target, str) else target[:2]
         if key not in state:
             continue  # reported by apply_lora as found no weight
-        shape = state[key].shape
+        shape = _logical_shape(model_patcher.model, key, state[key])
         want = shape if offset is None else shape[:offset[0]] + (offset[2],) + shape[offset[0] + 1:]
         ok, changes, read_values = _computes(patch, key, shape, offset, want, "meta")
         if not ok and read_values:
@@ -190,6 +192,14 @@ def _misfits(model_patcher, patches: dict) -> list[str]:
         rows = "" if offset is None else f" rows {offset[1]}:{offset[1] + offset[2]}"
         misfits.append(f"{key}{rows}: {_describe(patch)} {problem} for the model's {list(want)} weight")
     return misfits
+
+
+def _logical_shape(model, key: str, tensor: torch.Tensor) -> torch.Size:
+    """The shape of the weight a patch changes: a quantized matrix's own (its parameter holds its bytes,
+    QuantizedLinear.weight_shape), any other tensor's shape."""
+    owner, _, name = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return module.weight_shape if name == "weight" and isinstance(module, QuantizedLinear) else tensor.shape
 
 
 def _text_encoder_advice(keys: list[str]) -> str:
@@ -252,7 +262,8 @@ def apply_lora(model_patcher, lora_sd: dict, strength: float):
 class ZImageLoraLoader:
     DESCRIPTION = ("Applies a Z-Image LoRA (ai-toolkit / diffusers PEFT, kohya / Musubi Tuner, OneTrainer, "
                    "DiffSynth-Studio, InvokeAI or ComfyUI naming; LyCORIS LoHa and LoKr too). Every key must land on a "
-                   "weight; weights are merged once at load, so sampling speed is unchanged. A text-encoder part in "
+                   "weight; weights are merged once at load, so sampling speed is unchanged (a GGUF model's quantized "
+                   "matrices are patched as they are dequantized, at each use). A text-encoder part in "
                    "the file is not applied here: the node says so and how to apply it to the CLIP.")
     CATEGORY = "Z-Image"
     RETURN_TYPES = ("MODEL",)

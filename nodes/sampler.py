@@ -11,8 +11,7 @@ import latent_preview
 from ..zimage import PRESETS, flow_sigmas, make_noise, sample
 from ..zimage.sampler import SAMPLERS, check_mask
 from .checks import require_finite
-from .comfy_model import (CONTROL_OPS, caption_features, engine_of, refuse_unhonoured, unhonoured_in_forward,
-                          wrapper_name)
+from .comfy_model import caption_features, engine_of, refuse_unhonoured, unhonoured_in_forward, wrapper_name
 from .controlnet import control_patches, engine_hints
 from .reference_images import omni_inputs, reference_conds
 
@@ -234,8 +233,7 @@ class ZImageSampler:
         # the Fun ControlNet nodes' patches (ModelPatchLoader's module, loaded above with the model): the engine runs
         # them in its loop as it does under KSampler (nodes/controlnet.py)
         patches = control_patches(model.model_options.get("transformer_options") or {})
-        control = (engine_hints(patches, transformer.cfg, samples.shape, model.load_device, CONTROL_OPS)
-                   if patches else None)
+        control = engine_hints(patches, transformer.cfg, samples.shape, model.load_device) if patches else None
         preview = latent_preview.prepare_callback(model, steps)
 
         def on_step(step, x0, x):

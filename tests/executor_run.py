@@ -68,11 +68,27 @@ for folder in ("diffusion_models", "text_encoders", "vae", "model_patches"):
     folder_paths.add_model_folder_path(folder, os.path.join(base, "models", folder))
 folder_paths.set_output_directory(os.path.join(base, "output"))
 
+from comfyui_zimage.zimage import Runner  # noqa: E402
 from comfyui_zimage.zimage.cuda_graphs import CapturedForward  # noqa: E402
 
-replays = []
+replays, captures, evaluations = [], [], []
 replay = CapturedForward.replay
 CapturedForward.replay = lambda graph, inputs: replays.append(1) or replay(graph, inputs)
+capture = CapturedForward.__init__
+CapturedForward.__init__ = lambda graph, *args, **kwargs: captures.append(1) or capture(graph, *args, **kwargs)
+evaluate = Runner.__call__
+Runner.__call__ = lambda runner, *args, **kwargs: evaluations.append(1) or evaluate(runner, *args, **kwargs)
+off_device = []  # per evaluation: the weights (the ControlNets' too) not on the evaluation's device
+graph_weights = Runner._graph_weights
+
+
+def watched_graph_weights(runner, device, control):
+    weights = list(runner.model.parameters()) + [p for hints in control for p in hints.net.parameters()]
+    off_device.append(sum(w.device != device for w in weights))
+    return graph_weights(runner, device, control)
+
+
+Runner._graph_weights = watched_graph_weights
 
 patchers = {}
 load = comfy.model_management.load_models_gpu
@@ -129,23 +145,26 @@ def controlnet() -> dict:
 
 
 turbo = lambda: shrink(load_workflow("zimage_turbo_t2i.api.json"))  # noqa: E731
-# name: (prompt, model evaluations). Each runs at one shape throughout, so all evaluations but the first replay.
+# name: (prompt, model evaluations, input shapes among them). The first evaluation at each shape captures its graph,
+# every other replays one.
 PROMPTS = {
-    "zimage": (saving(turbo(), "zimage"), 8),
-    "ksampler": (saving(with_ksampler(turbo()), "ksampler"), 8),
-    # the official templates' samplers: Turbo's res_multistep, Base's cfg 4 (cond and uncond batched in one
-    # evaluation), the 2K upscaler's dpmpp_2m_sde / beta at denoise 0.33 (8 of 24 steps)
-    "res_multistep": (saving(with_ksampler(turbo(), "res_multistep"), "res_multistep"), 8),
-    "cfg4": (saving(with_ksampler(turbo(), cfg=4.0), "cfg4"), 8),
-    "dpmpp_2m_sde_beta": (saving(with_ksampler(turbo(), "dpmpp_2m_sde", "beta", denoise=0.33), "dpmpp_2m_sde_beta"), 8),
-    "controlnet_zimage": (saving(controlnet(), "controlnet_zimage"), 8),
-    "controlnet_ksampler": (saving(with_ksampler(controlnet(), "res_multistep"), "controlnet_ksampler"), 8),
+    "zimage": (saving(turbo(), "zimage"), 8, 1),
+    "ksampler": (saving(with_ksampler(turbo()), "ksampler"), 8, 1),
+    # the official templates' samplers: Turbo's res_multistep; Base's cfg 4 (a positive and a negative evaluation per
+    # step: captions of different lengths, which ComfyUI does not batch); the 2K upscaler's dpmpp_2m_sde / beta at
+    # denoise 0.33 (8 of 24 steps)
+    "res_multistep": (saving(with_ksampler(turbo(), "res_multistep"), "res_multistep"), 8, 1),
+    "cfg4": (saving(with_ksampler(turbo(), cfg=4.0), "cfg4"), 16, 2),
+    "dpmpp_2m_sde_beta": (saving(with_ksampler(turbo(), "dpmpp_2m_sde", "beta", denoise=0.33), "dpmpp_2m_sde_beta"), 8, 1),
+    "controlnet_zimage": (saving(controlnet(), "controlnet_zimage"), 8, 1),
+    "controlnet_ksampler": (saving(with_ksampler(controlnet(), "res_multistep"), "controlnet_ksampler"), 8, 1),
 }
 
 executor = execution.PromptExecutor(Server(), cache_type=False, cache_args={"lru": 0, "ram": 0})
 results = {}
-for name, (prompt, evaluations) in PROMPTS.items():
-    replays.clear()
+for name, (prompt, expected_evaluations, shapes) in PROMPTS.items():
+    for count in (replays, captures, evaluations, off_device):
+        count.clear()
     outputs = [node for node, spec in prompt.items() if spec["class_type"] in ("SaveImage", "SaveLatent")]
     executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
     if not executor.success:
@@ -153,7 +172,11 @@ for name, (prompt, evaluations) in PROMPTS.items():
     (latent,) = [f for f in os.listdir(os.path.join(base, "output")) if f.startswith(f"{RUN}_{name}_")]
     results[f"{name}_samples"] = load_file(os.path.join(base, "output", latent))["latent_tensor"]
     results[f"{name}_replays"] = torch.tensor(len(replays))
-    results[f"{name}_evaluations"] = torch.tensor(evaluations)
+    results[f"{name}_captures"] = torch.tensor(len(captures))
+    results[f"{name}_evaluations"] = torch.tensor(len(evaluations))
+    results[f"{name}_expected_evaluations"] = torch.tensor(expected_evaluations)
+    results[f"{name}_shapes"] = torch.tensor(shapes)
+    results[f"{name}_most_weights_off_device"] = torch.tensor(max(off_device, default=0))
 
 save_file({**results, "dynamic": torch.tensor(int(dynamic)),
            "async_allocator": torch.tensor(int(torch.cuda.get_allocator_backend() == "cudaMallocAsync")),

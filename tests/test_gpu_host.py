@@ -90,10 +90,14 @@ def test_executor_runs_the_workflows_alike_under_each_allocator_and_dynamic_vram
     assert {"zimage", "ksampler", "res_multistep", "cfg4", "dpmpp_2m_sde_beta", "controlnet_zimage",
             "controlnet_ksampler"} <= set(prompts)
     for name in prompts:
-        graphed = int(dynamic[f"{name}_evaluations"]) - 1  # the first evaluation captures, every other replays
-        assert int(runs["classic"][f"{name}_replays"]) == 0, name
-        assert int(runs["classic-native-allocator"][f"{name}_replays"]) == graphed, name
-        assert int(dynamic[f"{name}_replays"]) == graphed, name
+        for mode, run in runs.items():
+            assert int(run[f"{name}_evaluations"]) == int(run[f"{name}_expected_evaluations"]), (name, mode)
+        assert int(runs["classic"][f"{name}_replays"]) + int(runs["classic"][f"{name}_captures"]) == 0, name
+        for run in (runs["classic-native-allocator"], dynamic):
+            # the first evaluation at each input shape captures, every other replays
+            assert int(run[f"{name}_most_weights_off_device"]) == 0, name
+            assert int(run[f"{name}_captures"]) == int(run[f"{name}_shapes"]), name
+            assert int(run[f"{name}_replays"]) == int(run[f"{name}_evaluations"]) - int(run[f"{name}_captures"]), name
         reference = runs["classic-native-allocator"][f"{name}_samples"]
         assert torch.isfinite(reference).all()
         for mode, run in runs.items():
