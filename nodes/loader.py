@@ -140,7 +140,10 @@ class ZImageLoader:
                              f"safetensors model for fp8.")
         load_device = mm.get_torch_device()
         compute = mm.unet_dtype(device=load_device, model_params=0, supported_dtypes=[torch.bfloat16, torch.float32])
-        storage = info.stored_dtype if info.stored_dtype.itemsize == 1 and not quantized_gguf else None
+        # a plain fp8 file stays fp8 in memory (cast per use); a scaled one (ComfyUI's fp8 repacks) loads dequantized with
+        # its scales and stays in the compute dtype: stored as plain fp8 again, its small weights would underflow
+        storage = (info.stored_dtype if info.stored_dtype.itemsize == 1 and not quantized_gguf and not info.quantized
+                   else None)
         if weight_dtype == "bf16":
             compute, storage = torch.bfloat16, None
         elif weight_dtype == "fp32":

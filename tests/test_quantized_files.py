@@ -321,3 +321,35 @@ def test_the_loader_node_loads_a_repack_and_refuses_another_format_by_name(comfy
     finally:
         nvfp4.unlink()
         mxfp8.unlink()
+
+
+@pytest.mark.host
+def test_the_loader_keeps_what_a_scaled_fp8_file_holds(zimage_pack, tmp_path):
+    """ZImageLoader's default on ComfyUI's scaled fp8 repack: the blocks' matrices stay the dequantized values (the
+    compute dtype in memory), not plain fp8 again, which would drop their scales; a plain fp8 file stays fp8."""
+    import importlib
+
+    import comfy.model_management
+    import folder_paths
+
+    loader = importlib.import_module(f"{zimage_pack.__name__}.nodes.loader")
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    expected = write_quantized(str(folder / "z_image_turbo_fp8_scaled.safetensors"), "float8_e4m3fn")
+    plain = {k: v.to(torch.float8_e4m3fn if v.ndim == 2 and k.startswith("layers.") else torch.bfloat16)
+             for k, v in diffusers_to_comfy(diffusers_reference(CFG, seed=1).state_dict()).items()}
+    save_file(plain, str(folder / "z_image_turbo_fp8_e4m3fn.safetensors"))
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    try:
+        (model,) = loader.ZImageLoader().load("z_image_turbo_fp8_scaled.safetensors", "default", "auto",
+                                              cuda_graphs=False)["result"]
+        network = model.model.diffusion_model
+        qkv = network.layers[0].attention.qkv.weight
+        assert qkv.dtype == network.x_embedder.weight.dtype != torch.float8_e4m3fn
+        torch.testing.assert_close(qkv.float(), expected["layers.0.attention.qkv.weight"].to(qkv.dtype).float())
+        (model,) = loader.ZImageLoader().load("z_image_turbo_fp8_e4m3fn.safetensors", "default", "auto",
+                                              cuda_graphs=False)["result"]
+        assert model.model.diffusion_model.layers[0].attention.qkv.weight.dtype == torch.float8_e4m3fn
+    finally:
+        folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(folder))
+        comfy.model_management.unload_all_models()
