@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
+from collections import OrderedDict
 
 from ..zimage import CHAT_TEMPLATE
 
@@ -48,9 +50,31 @@ def check_prompt(text: str, what: str, node: str) -> str | None:
     return None
 
 
+# Each text encoder's last few encodings: a workflow queued again with a new prompt encodes its unchanged negative
+# prompt (usually the empty one) once, not every run. Kept while the CLIP object lives; keyed by all that changes the
+# result: the text, the template, the layer the CLIP reads and its patches (a CLIP LoRA comes as a new CLIP, patches
+# added in place change patches_uuid). CLIPs with hooks (scheduled conditioning) are never cached.
+_encodings: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+KEPT_ENCODINGS = 4
+
+
 def encode(clip, text: str, llama_template: str) -> tuple[list, str | None]:
     """CONDITIONING for one text in `llama_template` (a format string), and a warning when it had to be cut to
     MAX_TOKENS."""
+    patcher = getattr(clip, "patcher", None)
+    if getattr(clip, "use_clip_schedule", False) or getattr(clip, "apply_hooks_to_conds", None):
+        return _encode(clip, text, llama_template)
+    key = (text, llama_template, getattr(clip, "layer_idx", None), getattr(patcher, "patches_uuid", None))
+    kept = _encodings.setdefault(clip, OrderedDict())
+    if key not in kept:
+        kept[key] = _encode(clip, text, llama_template)
+        while len(kept) > KEPT_ENCODINGS:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    return kept[key]
+
+
+def _encode(clip, text: str, llama_template: str) -> tuple[list, str | None]:
     tokens = clip.tokenize(text, llama_template=llama_template)
     warning = None
     for name, batches in tokens.items():

@@ -142,3 +142,43 @@ def test_the_loader_says_what_will_run_here(comfy_server):
     assert "on cpu" in summary and "CUDA graphs: off, no CUDA device here" in summary, summary
     assert "the attention choice 'cudnn' applies on CUDA GPUs" in summary, summary
     assert summary in comfy_server.tail(400)
+
+
+class CountingClip:
+    """A CLIP as ZImageTextEncode uses it, counting its encodes (each encode's conditioning is a new object)."""
+
+    def __init__(self, patches_uuid="a"):
+        self.tokenizer = SimpleNamespace(clip_name="qwen3_4b")
+        self.patcher = SimpleNamespace(patches_uuid=patches_uuid)
+        self.layer_idx, self.use_clip_schedule, self.apply_hooks_to_conds = None, False, None
+        self.encoded = []
+
+    def tokenize(self, text, llama_template):
+        return {"qwen3_4b": [[(ord(c), 1.0) for c in llama_template.format(text)]]}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        self.encoded.append(tokens)
+        return [[torch.full((1, 3, 4), float(len(self.encoded))), {}]]
+
+
+def test_an_unchanged_negative_prompt_is_encoded_once_per_text_encoder(zimage_pack):
+    """Queued again with a new prompt, the node encodes only what changed: the same negative prompt on the same CLIP
+    (same layer, same patches) is the conditioning encoded before; a new text, template, patch set or CLIP is encoded."""
+    node = importlib.import_module(f"{zimage_pack.__name__}.nodes.text_encode").ZImageTextEncode()
+    clip = CountingClip()
+    first = node.encode(clip, "a fox", "", "official")["result"]
+    second = node.encode(clip, "a cat", "", "official")["result"]
+    assert len(clip.encoded) == 3  # a fox, the empty negative, a cat
+    assert second[1] is first[1] and not torch.equal(second[0][0][0], first[0][0][0])
+    node.encode(clip, "a cat", "", "empty think block")
+    assert len(clip.encoded) == 5  # another template: both anew
+    clip.patcher.patches_uuid = "b"  # a patch added in place
+    node.encode(clip, "a cat", "", "official")
+    assert len(clip.encoded) == 7
+    other = CountingClip()
+    node.encode(other, "a cat", "", "official")
+    assert len(other.encoded) == 2
+    clip.use_clip_schedule = True  # hooks: scheduled conditioning, never reused
+    node.encode(clip, "a cat", "", "official")
+    node.encode(clip, "a cat", "", "official")
+    assert len(clip.encoded) == 11
