@@ -122,3 +122,22 @@ def comfy_server(comfyui_path, comfy_base, tmp_path_factory):
     server = ComfyServer(comfyui_path, comfy_base, tmp_path_factory.mktemp("logs") / "comfyui.log")
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")  # session, as comfy_server: so a skip here comes before a server starts
+def browser():
+    """Debian's chromium driven by Playwright (tests/test_browser.py says how), one for the whole session: a thread
+    holds one Playwright, so every test module that opens the app shares this one."""
+    import test_browser
+
+    if test_browser.sync_playwright is None:
+        pytest.skip(f"BROWSER TEST SKIPPED: the Python package playwright is missing "
+                    f"({test_browser.PLAYWRIGHT_MISSING}). pip install playwright; the browser is Debian's chromium, "
+                    f"never `playwright install`.")
+    if not (os.path.isfile(test_browser.CHROMIUM) and os.access(test_browser.CHROMIUM, os.X_OK)):
+        pytest.skip(f"BROWSER TEST SKIPPED: no chromium at {test_browser.CHROMIUM} (apt-get install chromium, "
+                    "or set CHROMIUM_PATH).")
+    with test_browser.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=test_browser.CHROMIUM, args=test_browser.CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -106,20 +106,6 @@ class AppPage:
         self.context.close()
 
 
-@pytest.fixture(scope="session")  # session, as comfy_server: so a skip here comes before a server starts
-def browser():
-    if sync_playwright is None:
-        pytest.skip(f"BROWSER TEST SKIPPED: the Python package playwright is missing ({PLAYWRIGHT_MISSING}). "
-                    "pip install playwright; the browser is Debian's chromium, never `playwright install`.")
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(f"BROWSER TEST SKIPPED: no chromium at {CHROMIUM} (apt-get install chromium, "
-                    "or set CHROMIUM_PATH).")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture(scope="module")
 def app_page(browser, comfy_server):
     # A returning user: a first visit opens the template browser over the canvas instead of the default graph.

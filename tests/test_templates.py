@@ -37,7 +37,7 @@ import torch
 
 from comfy_host import PACK_ROOT, output_images
 from conftest import skip_unless_host_has
-from test_browser import AppPage, browser  # noqa: F401  (the session's chromium)
+from test_browser import AppPage
 
 pytestmark = pytest.mark.host
 
@@ -181,7 +181,7 @@ def object_info(comfy_server):
 
 
 @pytest.fixture(scope="module")
-def app(browser, comfy_server):  # noqa: F811
+def app(browser, comfy_server):
     status, body = comfy_server.request("/settings/Comfy.TutorialCompleted", True)
     assert status == 200, body
     page = AppPage(browser, comfy_server.url)
