@@ -65,8 +65,7 @@ comfy_process.start(COMFYUI, cpu=ARGS.tiny, allocator=ARGS.allocator)
 
 import torch  # noqa: E402
 
-from common import MODEL_FILES, TINY_DIT, provenance, provenance_line, write_json, write_model_files  # noqa: E402
-from zimage import ZImageConfig  # noqa: E402
+from common import MODEL_FILES, provenance, provenance_line, write_json  # noqa: E402
 
 
 def native_graph(prompt: str, weight_dtype: str, size: int, steps: int, seed: int, prefix: str) -> dict:
@@ -143,14 +142,7 @@ def main():
     import execution
     import folder_paths
 
-    cpu = ARGS.tiny
-    allocator = comfy_process.check_allocator(ARGS.allocator, cpu)
-    device = mm.get_torch_device()
-    cfg = TINY_DIT if ARGS.tiny else ZImageConfig()
-    if ARGS.tiny:
-        comfy_process.install_tiny_shims(cfg)
-    write_model_files(ARGS.models, cfg, device)
-    comfy_process.load_nodes(ARGS.models)
+    allocator, device, _, _ = comfy_process.prepare(ARGS)
     output = os.path.join(ARGS.models, "output")
     folder_paths.set_output_directory(output)
 

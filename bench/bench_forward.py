@@ -62,8 +62,8 @@ comfy_process.start(COMFYUI, cpu=ARGS.tiny, allocator=ARGS.allocator)
 
 import torch  # noqa: E402
 
-from common import (GiB, TINY_DIT, peak_above, provenance, provenance_line, rel_err, time_interleaved,  # noqa: E402
-                    write_json, write_model_files)
+from common import (GiB, peak_above, provenance, provenance_line, rel_err, time_interleaved,  # noqa: E402
+                    write_json)
 from zimage import ZImageConfig  # noqa: E402
 
 
@@ -180,16 +180,7 @@ def no_grad(fn):
 
 
 def main():
-    import comfy.model_management as mm
-
-    cpu = ARGS.tiny
-    allocator = comfy_process.check_allocator(ARGS.allocator, cpu)
-    device = mm.get_torch_device()
-    cfg = TINY_DIT if ARGS.tiny else ZImageConfig()
-    if ARGS.tiny:
-        comfy_process.install_tiny_shims(cfg)
-    write_model_files(ARGS.models, cfg, device)
-    nodes = comfy_process.load_nodes(ARGS.models)
+    allocator, device, cfg, nodes = comfy_process.prepare(ARGS)
     if ARGS.diagnose and "native" not in ARGS.variants:
         raise SystemExit("--diagnose times native in other ways: include native in --variants")
 

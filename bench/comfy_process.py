@@ -124,3 +124,19 @@ def load_nodes(models: str) -> dict:
     for kind in ("diffusion_models", "text_encoders", "vae"):
         folder_paths.add_model_folder_path(kind, os.path.join(models, kind), is_default=True)
     return nodes.NODE_CLASS_MAPPINGS
+
+
+def prepare(args) -> tuple:
+    """What a bench does first once ComfyUI is started: the allocator checked, the random model files written into
+    args.models (tiny ones, with the tiny shims, under --tiny), the nodes loaded. (allocator, device, config, nodes)."""
+    import comfy.model_management as mm
+    from common import TINY_DIT, write_model_files
+    from zimage import ZImageConfig
+
+    allocator = check_allocator(args.allocator, args.tiny)
+    device = mm.get_torch_device()
+    cfg = TINY_DIT if args.tiny else ZImageConfig()
+    if args.tiny:
+        install_tiny_shims(cfg)
+    write_model_files(args.models, cfg, device)
+    return allocator, device, cfg, load_nodes(args.models)
