@@ -100,14 +100,14 @@ class S3DiT(nn.Module):
 
         # image stream: patches -> tokens, padded with the learned pad token
         image = self.x_embedder(rearrange(latents.to(self.dtype), "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p))
-        image = pad_tokens(image, self.x_pad_token, layout.image_len)
+        image = layout.own(pad_tokens(image, self.x_pad_token, layout.image_len))
         for block in blocks(self.noise_refiner):
-            image = block(image, layout.image_rope, None, t_emb)
+            image = block(image, layout.image_rope, layout.image_mask, t_emb)
 
         # caption stream: each caption padded to its own multiple of 32, the batch to the longest (with pad tokens)
         caption_tokens = self.cap_embedder(torch.cat(caption_feats).to(self.dtype))
-        caption = torch.stack([pad_tokens(part, self.cap_pad_token, layout.caption_len)
-                               for part in caption_tokens.split([len(c) for c in caption_feats])])
+        caption = layout.own(torch.stack([pad_tokens(part, self.cap_pad_token, layout.caption_len)
+                                          for part in caption_tokens.split([len(c) for c in caption_feats])]))
         for block in blocks(self.context_refiner):
             caption = block(caption, layout.caption_rope, layout.caption_mask)
 
@@ -116,7 +116,11 @@ class S3DiT(nn.Module):
         for block in blocks(self.layers):
             x = block(x, layout.unified_rope, layout.unified_mask, t_emb)
 
-        return self._velocity(self.final_layer(x[:, :rows * cols], t_emb), rows)
+        # layout.own and layout.gather: in a sequence-parallel forward, this process's share of each stream
+        # (parallel.py), every process's share of the same size; otherwise all of it. The final layer works token by
+        # token, so its image pad tokens are dropped after it.
+        patches = layout.gather(self.final_layer(x[:, :image.shape[1]], t_emb))
+        return self._velocity(patches[:, :rows * cols], rows)
 
     def forward_with_references(self, latents: torch.Tensor, sigma: torch.Tensor, captions: list[list[torch.Tensor]],
                                 references: list[list[Reference]], layout: OmniLayout,

@@ -3,8 +3,9 @@
 A Runner checks a call's inputs, builds the positions and masks of each new input shape once (the sampler calls
 with the same shapes every step), makes sure once per process that the Triton kernels run here (kernels.py),
 streams in the block weights that sit in host memory (streaming.py), replays CUDA graphs (cuda_graphs.py), and
-holds the memory graphs and streaming keep between forwards until release_buffers(). Whatever else comes to
-change how forwards run plugs in here, not into the network.
+holds the memory graphs and streaming keep between forwards until release_buffers(), and splits a forward across
+the processes of a torch.distributed group (parallel.py). Whatever else comes to change how forwards run plugs in
+here, not into the network.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from .control import ControlHints
 from .cuda_graphs import GraphedForward, capture_blocker
 from .kernels import check_kernels
 from .model import S3DiT
+from .blocks import SelfAttention
 from .omni import Reference
+from .parallel import SequenceShare, UlyssesAttention, padded_heads
 from .sequence import layout_key, sequence_layout
 from .streaming import WeightStreamer
 
 
 class Runner:
-    def __init__(self, model: S3DiT, cuda_graphs: bool = False, compile: bool = False):
+    def __init__(self, model: S3DiT, cuda_graphs: bool = False, compile: bool = False,
+                 share: SequenceShare | None = None):
         """cuda_graphs: replay each input shape's forward as one CUDA graph (cuda_graphs.py): the same kernels on
         the same inputs, launched at once instead of one by one. Used for prompts without reference images when
         every weight is on the CUDA device the inputs are on; otherwise forwards run as usual. Not over compiled
@@ -35,8 +39,20 @@ class Runner:
         compile: torch.compile every block. Blocks share their code, so a graph compiled for one serves every
         block of its kind and sequence length. Since the norms, RoPE, modulation and gates run as fused kernels
         (fused.py), which compiled graphs call as they are, this measured no faster on an H100 and gives the
-        eager result bit for bit (bench/results)."""
+        eager result bit for bit (bench/results).
+        share: split each forward across the processes of a torch.distributed group, this process computing this
+        share of the tokens (parallel.py; SequenceShare.of(group)). Every process calls with the same inputs and
+        gets the whole velocity. The model's blocks then attend across the processes: run it through this Runner
+        only. Prompts without reference images or ControlNets; no CUDA graphs yet (the collectives were not
+        captured)."""
         self.model = model
+        self.share = share
+        if share is not None:
+            padded_heads(model.cfg.n_heads, share.count)  # refuses more processes than heads
+            attention = UlyssesAttention(model.attention, share)
+            for module in model.modules():
+                if isinstance(module, SelfAttention):
+                    module.attend = attention
         self.graphs: GraphedForward | None = None
         self.streamer: WeightStreamer | None = None
         self.layout_key = self.layout = None
@@ -44,7 +60,8 @@ class Runner:
         if compile:
             _compile_blocks(model)
         if cuda_graphs:
-            self.graphs_off = "the blocks are compiled" if compile else capture_blocker()
+            self.graphs_off = ("the blocks are compiled" if compile else
+                               "the forward is split across processes" if share is not None else capture_blocker())
             if self.graphs_off is None:
                 self.graphs = GraphedForward()
             elif not compile:
@@ -72,11 +89,15 @@ class Runner:
         if control and references is not None:
             raise ValueError("a ControlNet and reference images in one forward: the Fun ControlNets are made for "
                              "Z-Image-Turbo's text-to-image sequence; use one or the other")
+        if self.share is not None and (control or references is not None):
+            raise ValueError("a forward split across processes takes prompts without ControlNets or reference "
+                             "images for now: run those in one process")
         device = latents.device
         check_kernels(device, model.dtype)
         key = layout_key(latents, caption_feats, references)
         if key != self.layout_key:
-            self.layout, self.layout_key = sequence_layout(model.cfg, latents, caption_feats, references), key
+            self.layout = sequence_layout(model.cfg, latents, caption_feats, references, self.share)
+            self.layout_key = key
         layout, blocks = self.layout, self._blocks(device)
         control = control or []
         n_captions = len(caption_feats)

@@ -6,6 +6,9 @@ step), and the forward (model.py) only reads them.
 One padding rule: every stream (a sample's image tokens, each caption or caption chunk, each image's SigLIP
 tokens) is padded to a multiple of cfg.seq_multiple with that stream's learned pad token, and pad tokens sit at
 position (0, 0, 0).
+In a batch, the shorter samples' streams are padded to the longest with the same pad tokens, masked out of the
+keys; a sequence-parallel forward (parallel.py) pads each stream further, the same way, to a multiple of its
+process count, and each process computes its equal share of every stream.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .config import ZImageConfig
+from .parallel import SequenceShare
 from .rope import inverse_frequencies, rope_angles
 
 
@@ -43,33 +47,42 @@ def _rope(cfg: ZImageConfig, positions: torch.Tensor, device) -> tuple[torch.Ten
 # included; image patches at (caption end + 1, row, col), the caption end being the sample's padded caption
 # length; image pad tokens at (0, 0, 0). In a batch each caption is padded to its own multiple, then the batch to
 # the longest, and a sample's keys end where its own caption padding ends.
+# Split over processes, each stream is padded to a multiple of their count (image tokens at (0, 0, 0), caption
+# tokens going on at 1 + k, all of them masked out of the keys); a process computes [its image tokens, its caption
+# tokens], so attention sees the unified sequence as every process's such pair in process order.
 
 
 @dataclass
 class PlainLayout:
-    image_rope: tuple[torch.Tensor, torch.Tensor]
+    image_rope: tuple[torch.Tensor, torch.Tensor]  # of the tokens this process computes
     caption_rope: tuple[torch.Tensor, torch.Tensor]
     unified_rope: tuple[torch.Tensor, torch.Tensor]
-    caption_mask: torch.Tensor | None  # [B, 1, 1, S] keys to attend; None when every sample is full length
+    caption_mask: torch.Tensor | None  # [B, 1, 1, S] keys to attend, in the order attention sees them; None: all
     unified_mask: torch.Tensor | None
+    image_len: int  # the padded streams' lengths
+    caption_len: int
+    image_mask: torch.Tensor | None = None  # only a sequence-parallel forward masks image keys
+    share: SequenceShare | None = None  # which share of each stream this process computes; None: all of it
 
-    @property
-    def image_len(self) -> int:
-        return self.image_rope[0].shape[1]
+    def own(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A padded stream's tokens [B, S, dim] -> those this process computes."""
+        return tokens if self.share is None else tokens[:, self.share.tokens(tokens.shape[1])]
 
-    @property
-    def caption_len(self) -> int:
-        return self.caption_rope[0].shape[1]
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This process's tokens of a stream -> every process's, in stream order."""
+        return tokens if self.share is None else self.share.gather(tokens)
 
 
-def plain_layout(cfg: ZImageConfig, rows: int, cols: int, caption_lens: list[int], device) -> PlainLayout:
-    """rows x cols image tokens per sample, one caption of caption_lens[i] tokens per sample."""
-    m = cfg.seq_multiple
+def plain_layout(cfg: ZImageConfig, rows: int, cols: int, caption_lens: list[int], device,
+                 share: SequenceShare | None = None) -> PlainLayout:
+    """rows x cols image tokens per sample, one caption of caption_lens[i] tokens per sample; share: which share
+    of the tokens this process computes in a sequence-parallel forward."""
+    m, count = cfg.seq_multiple, 1 if share is None else share.count
     batch = len(caption_lens)
     padded_caps = torch.tensor([round_up(n, m) for n in caption_lens])
-    caption_len = int(padded_caps.max())
+    caption_len = round_up(int(padded_caps.max()), count)
     n_image = rows * cols
-    image_len = round_up(n_image, m)
+    image_len = round_up(round_up(n_image, m), count)
 
     caption_pos = torch.zeros(caption_len, 3)
     caption_pos[:, 0] = torch.arange(1, caption_len + 1)
@@ -78,16 +91,25 @@ def plain_layout(cfg: ZImageConfig, rows: int, cols: int, caption_lens: list[int
     image_pos[:, :n_image, 0] = (padded_caps + 1)[:, None].float()
     image_pos[:, :n_image, 1:] = grid.float()
 
-    image_rope = _rope(cfg, image_pos, device)
-    caption_rope = _rope(cfg, caption_pos.expand(batch, -1, -1), device)
+    image_keys = (torch.arange(image_len) < round_up(n_image, m)).expand(batch, -1)
+    caption_keys = torch.arange(caption_len)[None] < padded_caps[:, None]
+    image_part = caption_part = slice(None)
+    unified_keys = torch.cat((image_keys, caption_keys), dim=1)
+    if share is not None:
+        image_part, caption_part = share.tokens(image_len), share.tokens(caption_len)
+        unified_keys = torch.cat([torch.cat((image_keys[:, SequenceShare(i, count).tokens(image_len)],
+                                             caption_keys[:, SequenceShare(i, count).tokens(caption_len)]), dim=1)
+                                  for i in range(count)], dim=1)
+
+    image_rope = _rope(cfg, image_pos[:, image_part], device)
+    caption_rope = _rope(cfg, caption_pos[caption_part].expand(batch, -1, -1), device)
     unified_rope = tuple(torch.cat((a, b), dim=1) for a, b in zip(image_rope, caption_rope))
 
-    caption_mask = unified_mask = None
-    if len(set(padded_caps.tolist())) > 1:
-        keys = torch.arange(caption_len)[None] < padded_caps[:, None]
-        caption_mask = keys[:, None, None].to(device)
-        unified_mask = torch.cat((torch.ones(batch, image_len, dtype=torch.bool), keys), dim=1)[:, None, None].to(device)
-    return PlainLayout(image_rope, caption_rope, unified_rope, caption_mask, unified_mask)
+    def mask(keys):  # None when every key is attended
+        return None if bool(keys.all()) else keys[:, None, None].to(device)
+
+    return PlainLayout(image_rope, caption_rope, unified_rope, mask(caption_keys), mask(unified_keys), image_len,
+                       caption_len, mask(image_keys), share)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,13 +248,18 @@ def layout_key(latents: torch.Tensor, captions: list, references: list | None) -
             latents.device)
 
 
-def sequence_layout(cfg: ZImageConfig, latents: torch.Tensor, captions: list,
-                    references: list | None) -> PlainLayout | OmniLayout:
-    """The layout of one forward's inputs (model.py's forward takes the same arguments)."""
+def sequence_layout(cfg: ZImageConfig, latents: torch.Tensor, captions: list, references: list | None,
+                    share: SequenceShare | None = None) -> PlainLayout | OmniLayout:
+    """The layout of one forward's inputs (model.py's forward takes the same arguments); share: this process's
+    share of a sequence-parallel forward (plain sequences only)."""
     device = torch.device(latents.device)
     if references is None:
         p = cfg.patch_size
-        return plain_layout(cfg, latents.shape[2] // p, latents.shape[3] // p, [len(c) for c in captions], device)
+        return plain_layout(cfg, latents.shape[2] // p, latents.shape[3] // p, [len(c) for c in captions], device,
+                            share)
+    if share is not None:
+        raise ValueError("sequence parallelism runs prompts without reference images for now: run Omni and Edit "
+                         "prompts with references in one process")
     return omni_layout(cfg, [[len(c) for c in chunks] for chunks in captions],
                        [[tuple(r.latent.shape[1:]) for r in refs] for refs in references],
                        [[tuple(r.siglip.shape[:2]) for r in refs] for refs in references],
