@@ -79,7 +79,7 @@ def main():
 
     if rank == 0:
         info = provenance(device)
-        info["command"] = f"torchrun --nproc-per-node {world} {info[\"command\"]}"
+        info["command"] = f"torchrun --nproc-per-node {world} " + info["command"]
         result = dict(**info, processes=world, batch=args.batch,
                       caption=args.caption, dtype=str(dtype), rows=rows)
         name = f"sequence-parallel-{world}x{'-tiny' if args.tiny else ''}"
