@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,12 @@ TEMPLATES = {
 }
 RUN_TIMEOUT_S = 900
 CPU_SIDE = 512
+# The app's prompts of the templates with ZImageLoader, at the templates' own sizes, as ComfyUI 0.14.1's frontend and
+# template packages make them: checked here against the app on that host (written anew with
+# ZIMAGE_WRITE_TEMPLATE_PROMPTS=1), and run as they are on the GPU through ComfyUI's executor
+# (tests/test_gpu_host.py), where their full sizes take seconds.
+FULL_SIZE_PROMPTS = COPIES / "zimage_prompts"
+FULL_SIZE_HOST = "0.14.1"
 
 # Wraps the app's API client so that the prompt id of what the app queues can be read back; the app's own
 # queuePrompt (the Run button's handler) then does the queuing.
@@ -86,6 +93,12 @@ def template_file(template_id: str) -> Path:
     if (COPIES / filename).is_file():
         return COPIES / filename
     skip_unless_host_has(False, f"{filename} in its comfyui-workflow-templates packages")
+
+
+def host_version() -> str:
+    import comfyui_version
+
+    return comfyui_version.__version__
 
 
 def graphs(workflow: dict) -> list[dict]:
@@ -201,6 +214,7 @@ def test_template_runs_with_zimage_loader(app, comfy_server, object_info, tmp_pa
     for node_type in TEMPLATES[template_id]:
         skip_unless_host_has(node_type in object_info, f"{node_type} node (the template {path.name} uses it)")
     template = json.loads(path.read_text())
+    full_size = with_zimage_loader(template, object_info["ZImageLoader"])[0]
     if not torch.cuda.is_available():
         template = at_cpu_size(template)
     ours, count = with_zimage_loader(template, object_info["ZImageLoader"])
@@ -224,6 +238,17 @@ def test_template_runs_with_zimage_loader(app, comfy_server, object_info, tmp_pa
     assert not unknown, f"{path.name}: node types this host lacks: {unknown}"
     app.page.screenshot(path=str(tmp_path / "opened.png"))
     assert not app.problems(since), f"{path.name}:\n" + "\n".join(app.problems(since))
+
+    if host_version() == FULL_SIZE_HOST:  # the prompt the GPU test runs is the app's, at the template's own size
+        kept = FULL_SIZE_PROMPTS / f"{template_id}.api.json"
+        converted = open_and_convert(app, full_size, tmp_path / f"full_{path.name}")
+        if os.environ.get("ZIMAGE_WRITE_TEMPLATE_PROMPTS"):
+            kept.parent.mkdir(exist_ok=True)
+            kept.write_text(json.dumps(converted, indent=1) + "\n")
+        assert kept.is_file() and json.loads(kept.read_text()) == converted, \
+            f"{kept.name} is not what the app makes of the template now: rerun with ZIMAGE_WRITE_TEMPLATE_PROMPTS=1"
+        # back to the one run here (under another file name: the app keeps a tab per name)
+        assert open_and_convert(app, ours, tmp_path / f"run_{path.name}") == prompt
 
     queued = app.page.evaluate(QUEUE_AS_THE_RUN_BUTTON)
     assert len(queued) == 1 and queued[0].get("prompt_id"), f"{path.name}: the app queued {json.dumps(queued)[:2000]}"
