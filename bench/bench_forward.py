@@ -38,27 +38,19 @@ DIAGNOSTIC = ("native_no_grad", "native_direct", "native_direct_no_grad")
 
 def arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--comfyui", help="ComfyUI's folder (default: $COMFYUI_PATH)")
-    parser.add_argument("--models", required=True, help="folder for the random model files (written once, reused)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024])
     parser.add_argument("--caption", type=int, default=128, help="caption tokens")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--diagnose", action="store_true", help="also time native as the earlier bench called it")
-    parser.add_argument("--allocator", choices=sorted(comfy_process.ALLOCATORS), default="comfyui",
-                        help="comfyui: ComfyUI's default (cudaMallocAsync; the engine's CUDA graphs stay off under "
-                             "it); native: as ComfyUI started with --disable-cuda-malloc")
     parser.add_argument("--profile", action="store_true", help="kernel-time breakdown of each variant")
-    parser.add_argument("--tiny", action="store_true", help="dry run on the CPU: tiny random files")
-    parser.add_argument("--out", default="bench/results")
-    return parser.parse_args()
+    return comfy_process.parse_arguments(parser)
 
 
 # ComfyUI's flags and allocator are set before torch is imported, as its main.py does
 ARGS = arguments()
-COMFYUI = comfy_process.comfyui_path(ARGS.comfyui)
-comfy_process.start(COMFYUI, cpu=ARGS.tiny, allocator=ARGS.allocator)
+comfy_process.start_from(ARGS)
 
 import torch  # noqa: E402
 

@@ -9,6 +9,7 @@ read by torch at import.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -30,6 +31,25 @@ def comfyui_path(given: str | None) -> str:
     if not os.path.isfile(os.path.join(path, "execution.py")):
         raise SystemExit(f"{path} is not a ComfyUI folder (no execution.py there)")
     return path
+
+
+def parse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """A ComfyUI bench's command line: its own arguments (already in `parser`) and the ones every such bench takes."""
+    parser.add_argument("--comfyui", help="ComfyUI's folder (default: $COMFYUI_PATH)")
+    parser.add_argument("--models", required=True, help="folder for the random model files (written once, reused)")
+    parser.add_argument("--allocator", choices=sorted(ALLOCATORS), default="comfyui",
+                        help="comfyui: ComfyUI's default (cudaMallocAsync; the engine's CUDA graphs stay off under "
+                             "it); native: as ComfyUI started with --disable-cuda-malloc")
+    parser.add_argument("--tiny", action="store_true", help="dry run on the CPU: tiny random files")
+    parser.add_argument("--out", default="bench/results")
+    return parser.parse_args()
+
+
+def start_from(args) -> str:
+    """start() as the command line asks; ComfyUI's folder."""
+    comfyui = comfyui_path(args.comfyui)
+    start(comfyui, cpu=args.tiny, allocator=args.allocator)
+    return comfyui
 
 
 def start(comfyui: str, cpu: bool, allocator: str) -> None:

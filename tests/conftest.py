@@ -141,3 +141,16 @@ def browser():
         browser = p.chromium.launch(executable_path=test_browser.CHROMIUM, args=test_browser.CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def app_page(browser, comfy_server):
+    """The ComfyUI app in a page of the session's chromium, for a returning user (a first visit opens the template
+    browser over the canvas instead of the default graph)."""
+    from test_browser import AppPage
+
+    status, body = comfy_server.request("/settings/Comfy.TutorialCompleted", True)
+    assert status == 200, body
+    page = AppPage(browser, comfy_server.url)
+    yield page
+    page.close()

@@ -106,16 +106,6 @@ class AppPage:
         self.context.close()
 
 
-@pytest.fixture(scope="module")
-def app_page(browser, comfy_server):
-    # A returning user: a first visit opens the template browser over the canvas instead of the default graph.
-    status, body = comfy_server.request("/settings/Comfy.TutorialCompleted", True)
-    assert status == 200, body
-    page = AppPage(browser, comfy_server.url)
-    yield page
-    page.close()
-
-
 def test_the_app_registers_our_nodes(app_page):
     registered = app_page.page.evaluate(
         "names => names.map(n => [n, LiteGraph.registered_node_types[n]?.title ?? null])", OUR_NODES)

@@ -193,15 +193,6 @@ def object_info(comfy_server):
     return comfy_server.get("/object_info")
 
 
-@pytest.fixture(scope="module")
-def app(browser, comfy_server):
-    status, body = comfy_server.request("/settings/Comfy.TutorialCompleted", True)
-    assert status == 200, body
-    page = AppPage(browser, comfy_server.url)
-    yield page
-    page.close()
-
-
 def open_and_convert(app: AppPage, workflow: dict, path: Path) -> dict:
     path.write_text(json.dumps(workflow))
     app.open_file(path, len(workflow["nodes"]))
@@ -209,7 +200,8 @@ def open_and_convert(app: AppPage, workflow: dict, path: Path) -> dict:
 
 
 @pytest.mark.parametrize("template_id", list(TEMPLATES))
-def test_template_runs_with_zimage_loader(app, comfy_server, object_info, tmp_path, template_id):
+def test_template_runs_with_zimage_loader(app_page, comfy_server, object_info, tmp_path, template_id):
+    app = app_page
     path = template_file(template_id)
     for node_type in TEMPLATES[template_id]:
         skip_unless_host_has(node_type in object_info, f"{node_type} node (the template {path.name} uses it)")
