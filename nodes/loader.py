@@ -10,7 +10,8 @@ import torch
 import comfy.model_management as mm
 import folder_paths
 
-from ..zimage import ATTENTION_BACKENDS, CheckpointError, inspect_checkpoint, load_transformer, scaled_mm_supported
+from ..zimage import (ATTENTION_BACKENDS, CheckpointError, fp8_attention_blocker, inspect_checkpoint, load_transformer,
+                      scaled_mm_supported)
 from ..zimage.gguf_file import describe_types
 from .comfy_model import comfy_model, comfy_ops
 
@@ -64,12 +65,19 @@ def resolve(model_name: str) -> str:
     return folder_paths.get_full_path_or_raise("diffusion_models", model_name)
 
 
+def fp8_attention_note(device) -> str:
+    blocker = fp8_attention_blocker(device)
+    return (" and attention (cuDNN's FP8 kernel)" if blocker is None else
+            f" (attention in bf16: FP8 attention cannot run here, {blocker})")
+
+
 def what_will_run(runner, device, attention: str, compute, storage, fp8_matmuls: bool, compile: bool) -> str:
     """What this load will run on this machine, for the log and the node: options that do nothing here say so."""
     cuda = device.type == "cuda"
     parts = [f"on {device}, computing in {str(compute).removeprefix('torch.')}"
              + (f", the blocks' matrices stored as {str(storage).removeprefix('torch.')}" if storage else "")
              + (", FP8 matrix multiplies" if fp8_matmuls and cuda else "")
+             + (fp8_attention_note(device) if fp8_matmuls and cuda else "")
              + (" (FP8 matrix multiplies emulated: no CUDA device)" if fp8_matmuls and not cuda else "")]
     if cuda:
         parts.append(f"attention: {attention} ({', '.join(k.name.lower() for k in ATTENTION_BACKENDS[attention])}, "
@@ -160,7 +168,8 @@ class ZImageLoader:
                 compute = torch.bfloat16
         try:
             transformer = load_transformer(path, device=mm.unet_offload_device(), dtype=compute, attention=attention,
-                                           fp8_matmuls=fp8_matmuls, ops=comfy_ops(storage, compute))
+                                           fp8_matmuls=fp8_matmuls, fp8_attention=fp8_matmuls,
+                                           ops=comfy_ops(storage, compute))
         except CheckpointError as e:
             raise ValueError(f"ZImageLoader: {e}") from None
         model = comfy_model(transformer, storage, cuda_graphs=cuda_graphs, compile=compile)

@@ -1,4 +1,5 @@
-"""Fast paths: FP8 matmuls (e4m3 weights, per-row scales, activations per token), compiled blocks, CUDA graphs."""
+"""Fast paths: FP8 matmuls (e4m3 weights, per-row scales, activations per token), FP8 attention (q, k, v as e4m3
+codes), compiled blocks, CUDA graphs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from safetensors.torch import save_file
 
 from helpers import randomize_, rel_err
 from zimage import Runner, S3DiT, ZImageConfig, load_transformer
+from zimage.attention import Attention
+from zimage.blocks import SelfAttention
 from zimage.fp8 import E4M3, Fp8Linear, quantize_rows, use_fp8_matmuls
+from zimage.fp8_attention import Fp8Attention, use_fp8_attention
 
 CFG = ZImageConfig.tiny()
 
@@ -120,3 +124,80 @@ def test_the_block_stacks_are_the_configs_one_list(cfg):
     assert {id(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList)} == {id(s) for s in stacks}
     use_fp8_matmuls(model)
     assert all(isinstance(m.attention.qkv, Fp8Linear) for s in stacks for m in s)
+
+
+def _fp8_twins(seed: int):
+    """(reference, FP8 matmuls alone, FP8 matmuls and attention) on the same random weights."""
+    reference = randomize_(S3DiT(CFG), seed=seed).eval()
+    models = []
+    for attention in (False, True):
+        model = S3DiT(CFG).eval()
+        model.load_state_dict(reference.state_dict())
+        use_fp8_matmuls(model)
+        if attention:
+            use_fp8_attention(model)
+        models.append(model)
+    return reference, *models
+
+
+def test_fp8_attention_attends_every_block_from_e4m3_codes_and_stays_close():
+    reference, fp8_matmuls, fp8_all = _fp8_twins(seed=5)
+    attends = [m.attend for m in fp8_all.modules() if isinstance(m, SelfAttention)]
+    assert len(attends) == sum(len(stack) for stack in fp8_all.block_stacks())
+    assert all(isinstance(a, Fp8Attention) and a is fp8_all.attention for a in attends)
+    g = torch.Generator().manual_seed(6)
+    latents = torch.randn(1, 16, 8, 12, generator=g)
+    captions = [torch.randn(20, CFG.cap_feat_dim, generator=g)]
+    sigma = torch.tensor([0.6])
+    with torch.no_grad():
+        exact, matmuls, both = (m(latents, sigma, captions) for m in (reference, fp8_matmuls, fp8_all))
+    # q, k and v rounded to e4m3 move the velocity (the attention ran on codes), within e4m3's rounding
+    assert 1e-3 < rel_err(both, matmuls) < 0.05
+    assert rel_err(both, exact) < 0.1
+
+
+def test_fp8_attention_leaves_masked_attention_to_the_exact_kernel(monkeypatch):
+    """Captions of different lengths need a key mask, which cuDNN's FP8 kernel does not take here: the blocks whose
+    sequence is masked (the caption refiner's, the main stack's) attend exactly; the image refiner's, unmasked,
+    from codes."""
+    _, _, fp8_all = _fp8_twins(seed=7)
+    routes = []
+    exact = fp8_all.attention.exact
+    exact_from_projection = exact.from_projection
+    monkeypatch.setattr(exact, "from_projection", lambda *a: routes.append(("exact", a[-1] is not None))
+                        or exact_from_projection(*a))
+    from zimage import fp8_attention
+    to_codes = fp8_attention.qk_norm_e4m3
+    monkeypatch.setattr(fp8_attention, "qk_norm_e4m3", lambda *a: routes.append(("codes", False)) or to_codes(*a))
+    g = torch.Generator().manual_seed(8)
+    latents = torch.randn(2, 16, 8, 12, generator=g)
+    captions = [torch.randn(n, CFG.cap_feat_dim, generator=g) for n in (9, 40)]
+    with torch.no_grad():
+        fp8_all(latents, torch.tensor([0.8, 0.3]), captions)
+    n = CFG.n_refiner_layers
+    assert routes == [("codes", False)] * n + [("exact", True)] * (n + CFG.n_layers)
+
+
+def test_fp8_attention_of_given_q_k_v_quantizes_each_by_its_largest_magnitude():
+    """The call a wrapper makes (sequence parallelism trades q, k, v first): each tensor to e4m3 codes with its
+    own scale, then attended; close to the exact attention, and equal to attending the dequantized codes."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 3, 50, 16, generator=g) * s for s in (1.0, 2.0, 30.0))
+    fp8 = Fp8Attention(Attention())
+    got = fp8(q, k, v, None)
+    assert got.shape == q.shape
+    codes = [(t * (448 * (1 - 2**-8) / t.abs().max())).to(E4M3) for t in (q, k, v)]
+    deq = [c.float() * (t.abs().max() / (448 * (1 - 2**-8))) for c, t in zip(codes, (q, k, v))]
+    assert rel_err(got, torch.nn.functional.scaled_dot_product_attention(*deq)) < 1e-5
+    assert 1e-3 < rel_err(got, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 0.1
+
+
+def test_load_transformer_chooses_fp8_attention_at_load(tmp_path):
+    source = randomize_(S3DiT(CFG), seed=10).eval()
+    path = os.path.join(tmp_path, "z_image_turbo_bf16.safetensors")
+    save_file(source.state_dict(), path)
+    model = load_transformer(path, dtype=torch.float32, fp8_matmuls=True, fp8_attention=True)
+    assert isinstance(model.attention, Fp8Attention)
+    assert all(m.attend is model.attention for m in model.modules() if isinstance(m, SelfAttention))
+    plain = load_transformer(path, dtype=torch.float32, fp8_matmuls=True)
+    assert not isinstance(plain.attention, Fp8Attention)

@@ -392,3 +392,123 @@ def test_a_controlnet_runs_on_every_gpu_path():
         assert rel_err(out["eager"].float().cpu(), reference) < 3e-2
     for name in ("graphed", "fp8 graphed"):  # captured once, replayed with each call's control inputs
         assert len(runners[name].graphs.graphs) == 1 and None not in runners[name].graphs.graphs.values(), name
+
+
+def _fp8_attention_blocker():
+    from zimage import fp8_attention_blocker
+
+    return fp8_attention_blocker(torch.device("cuda"))
+
+
+needs_fp8_attention = pytest.mark.skipif(not torch.cuda.is_available() or _fp8_attention_blocker() is not None,
+                                         reason="FP8 attention cannot run here (see fp8_attention_blocker)")
+
+
+def test_e4m3_qkv_kernel_gives_the_pytorch_codes_and_scales(monkeypatch):
+    """qk_norm_e4m3's Triton kernel against its PyTorch steps on the GPU: the same scales bit for bit, the codes
+    the same or, where float32 sums in another order cross a rounding boundary, one code apart."""
+    from zimage import fused, kernels
+    from zimage.blocks import RMSNorm
+    from zimage.rope import inverse_frequencies, rope_angles
+
+    kernels.check_kernels(torch.device("cuda"), torch.bfloat16)
+    assert kernels.TRITON_WORKS
+    g = torch.Generator().manual_seed(31)
+    heads, head_dim = 30, 128
+    norms = []
+    for _ in range(2):
+        norm = RMSNorm(head_dim, 1e-5)
+        norm.weight.data = 1 + 0.3 * torch.randn(head_dim, generator=g)
+        norms.append(norm.to("cuda", torch.bfloat16))
+    qkv = (torch.randn(2, 300, 3 * heads * head_dim, generator=g) * 4).to("cuda", torch.bfloat16)
+    positions = torch.randint(0, 100, (1, 300, 3), generator=g).float()
+    cos, sin = (t.unsqueeze(-2).cuda() for t in rope_angles(positions, inverse_frequencies((32, 48, 48), 256.0)))
+    codes, scales = fused.qk_norm_e4m3(qkv, heads, *norms, cos, sin)
+    monkeypatch.setattr(fused, "triton_runs", lambda t: False)
+    expected_codes, expected_scales = fused.qk_norm_e4m3(qkv, heads, *norms, cos, sin)
+    monkeypatch.undo()
+    assert torch.equal(scales, expected_scales)
+    steps = (codes.view(torch.uint8).int() - expected_codes.view(torch.uint8).int()).abs()
+    assert steps.max() <= 1 and (steps != 0).float().mean() < 1e-3, ((steps != 0).float().mean().item())
+
+
+@needs_fp8_attention
+@pytest.mark.parametrize("tokens", [1152, 4224])
+def test_cudnn_fp8_attention_attends_its_codes(tokens):
+    """cuDNN's FP8 kernel against float32 attention of the same dequantized codes (what it is asked to compute;
+    it also rounds the probabilities to e4m3), and against the bf16 path from the same projection."""
+    from zimage.attention import Attention
+    from zimage.blocks import RMSNorm
+    from zimage.fp8_attention import Fp8Attention
+    from zimage.fused import qk_norm_e4m3
+
+    g = torch.Generator().manual_seed(32)
+    heads, head_dim = 30, 128
+    norms = []
+    for _ in range(2):
+        norm = RMSNorm(head_dim, 1e-5)
+        norm.weight.data = 1.5 * (1 + 0.2 * torch.randn(head_dim, generator=g))
+        norms.append(norm.to("cuda", torch.bfloat16))
+    qkv = torch.randn(1, tokens, 3 * heads * head_dim, generator=g).to("cuda", torch.bfloat16)
+    angles = torch.rand(1, tokens, 1, head_dim // 2, generator=g).cuda() * 6.28
+    rope = (angles.cos(), angles.sin())
+    exact = Attention("auto")
+    fp8 = Fp8Attention(exact)
+    with torch.no_grad():
+        got = fp8.from_projection(qkv, heads, *norms, rope, None).float()
+        codes, scales = qk_norm_e4m3(qkv, heads, *norms, *rope)
+        q, k, v = (codes.float() * scales[:, None, None, None, None]).transpose(2, 3)
+        of_codes = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        bf16 = exact.from_projection(qkv, heads, *norms, rope, None).float()
+    assert fp8.graphs and None not in fp8.graphs.values(), "cuDNN refused the FP8 graph"
+    assert got.shape == bf16.shape and torch.isfinite(got).all()
+    err_codes, err_bf16 = rel_err(got, of_codes), rel_err(got, bf16)
+    print(f"tokens {tokens}: FP8 attention vs float32 of its codes {err_codes:.2e}, vs the bf16 path {err_bf16:.2e}")
+    assert err_codes < 0.03, err_codes
+    assert 1e-3 < err_bf16 < 0.06, err_bf16
+
+
+@needs_fp8_attention
+def test_fp8_attention_model_replays_cuda_graphs_bit_equal_and_stays_close(cpu_model):
+    """The whole forward with FP8 matmuls and FP8 attention: CUDA graph replays equal eager bit for bit (the
+    cuDNN graph runs on the capture's stream), and the velocity stays near float32."""
+    from zimage.fp8_attention import Fp8Attention, use_fp8_attention
+
+    g = torch.Generator().manual_seed(33)
+    runners = []
+    for graphs in (False, True):
+        network = on_cuda(cpu_model, torch.bfloat16, "auto")
+        use_fp8_matmuls(network)
+        use_fp8_attention(network)
+        runners.append(Runner(network, cuda_graphs=graphs))
+    eager, graphed = runners
+    captions = [torch.randn(96, CFG.cap_feat_dim, generator=g)]
+    with torch.no_grad():
+        for sigma in (0.9, 0.5, 0.2):
+            latents = torch.randn(1, 16, 64, 64, generator=g)
+            s = torch.tensor([sigma])
+            got = graphed(latents.cuda(), s.cuda(), [captions[0].cuda()])
+            assert torch.equal(got, eager(latents.cuda(), s.cuda(), [captions[0].cuda()]))
+        expected = cpu_model(latents, s, captions)
+    assert isinstance(graphed.model.attention, Fp8Attention) and None not in graphed.model.attention.graphs.values()
+    assert len(graphed.graphs.graphs) == 1
+    assert rel_err(got.float().cpu(), expected) < 0.1
+
+
+def test_fp8_producers_quantizing_as_they_write_give_the_same_forward(cpu_model, monkeypatch):
+    """The norm and SwiGLU kernels that write their e4m3 rows themselves (fused.py, e4m3=True) give the FP8
+    forward of the separate quantization pass bit for bit."""
+    from zimage import blocks
+
+    g = torch.Generator().manual_seed(34)
+    latents = torch.randn(1, 16, 64, 64, generator=g).cuda()
+    captions = [torch.randn(96, CFG.cap_feat_dim, generator=g).cuda()]
+    sigma = torch.tensor([0.6]).cuda()
+    network = on_cuda(cpu_model, torch.bfloat16, "auto")
+    use_fp8_matmuls(network)
+    model = Runner(network)
+    with torch.no_grad():
+        fused_quantization = model(latents, sigma, captions)
+        monkeypatch.setattr(blocks, "takes_e4m3_rows", lambda layer: False)
+        separate_pass = model(latents, sigma, captions)
+    assert torch.equal(fused_quantization, separate_pass)

@@ -18,6 +18,7 @@ For hosts that manage weights themselves (nodes/comfy_model.py):
     Ops, RMSNorm, Fp8Linear, E4M3, E4M3_MAX   the layer classes a network is built from, to subclass and give
     QuantizedLinear                           (a GGUF file's block-quantized matrices, dequantized at each use)
     ATTENTION_BACKENDS, scaled_mm_supported   the attention kernels to choose from; whether FP8 GEMMs run here
+    fp8_attention_blocker                     why FP8 attention (load_transformer's fp8_attention) cannot run here
 """
 
 from .attention import BACKENDS as ATTENTION_BACKENDS
@@ -27,6 +28,7 @@ from .config import ZImageConfig
 from .control import ControlConfig, ControlHints, ControlNet
 from .files import CheckpointError, read_safetensors_header
 from .fp8 import E4M3, E4M3_MAX, Fp8Linear, scaled_mm_supported
+from .fp8_attention import fp8_attention_blocker
 from .keys import engine_key, source_keys
 from .model import S3DiT
 from .omni import Reference
@@ -40,4 +42,4 @@ __all__ = ["ZImageConfig", "S3DiT", "Runner", "load_transformer", "inspect_check
            "CheckpointError", "read_safetensors_header", "source_keys", "flow_sigmas", "make_noise", "sample",
            "PRESETS", "CHAT_TEMPLATE", "omni_prompt_chunks", "Reference", "Ops", "RMSNorm", "Fp8Linear", "E4M3",
            "E4M3_MAX", "ATTENTION_BACKENDS", "scaled_mm_supported", "ControlNet", "ControlConfig", "ControlHints",
-           "engine_key", "load_controlnet", "QuantizedLinear", "SequenceShare"]
+           "engine_key", "load_controlnet", "QuantizedLinear", "SequenceShare", "fp8_attention_blocker"]

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .fused import qk_norm_rope
+
 # The preferred kernel first; where it cannot take a call (flash takes no mask, which batches of captions of
 # different lengths need), PyTorch falls through to the next in the list.
 FALLBACK = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -23,8 +25,25 @@ BACKENDS: dict[str, list[SDPBackend]] = {
 }
 
 
-class Attention:
-    """attention(q, k, v, key_mask) with q, k, v [B, H, S, D]; key_mask [B, 1, 1, S] bool or None."""
+class AttentionKernel:
+    """How a layer attends: attention(q, k, v, key_mask) with q, k, v [B, H, S, D] and key_mask [B, 1, 1, S] bool
+    or None, returning [B, H, S, D]; and from_projection, which starts from the layer's fused projection. A kernel
+    that wants q, k and v in another form (FP8 codes, fp8_attention.py) overrides from_projection."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
+        raise NotImplementedError
+
+    def from_projection(self, qkv: torch.Tensor, n_heads: int, q_norm, k_norm, rope, key_mask) -> torch.Tensor:
+        """qkv [B, S, 3 * H * D] -> [B, S, H * D]: q and k normalized per head and rotated (fused.qk_norm_rope),
+        then attended."""
+        q, k = qk_norm_rope(qkv, n_heads, q_norm, k_norm, *rope)  # each [B, S, H, D]
+        v = qkv.unflatten(-1, (3, n_heads, -1))[:, :, 2]
+        out = self(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)
+        return out.transpose(1, 2).flatten(2)
+
+
+class Attention(AttentionKernel):
+    """PyTorch's scaled dot-product attention, its kernels in this backend's order."""
 
     def __init__(self, backend: str = "auto"):
         if backend not in BACKENDS:

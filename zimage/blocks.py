@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import Attention
+from .attention import AttentionKernel
 from .config import ZImageConfig
-from .fp8 import Fp8Linear
-from .fused import add_gated_norm, norm_modulate, qk_norm_rope, swiglu
+from .fp8 import E4M3Rows, Fp8Linear, takes_e4m3_rows
+from .fused import add_gated_norm, norm_modulate, swiglu
 from .quantized import QuantizedLinear
 
 
@@ -51,7 +51,7 @@ class Ops:
 class SelfAttention(nn.Module):
     """Multi-head self-attention with fused q/k/v, per-head RMSNorm on q and k, and RoPE."""
 
-    def __init__(self, cfg: ZImageConfig, attention: Attention, ops: Ops):
+    def __init__(self, cfg: ZImageConfig, attention: AttentionKernel, ops: Ops):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.qkv = ops.Linear(cfg.dim, 3 * cfg.dim, bias=False)
@@ -60,12 +60,11 @@ class SelfAttention(nn.Module):
         self.k_norm = ops.RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.attend = attention
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None):
-        qkv = self.qkv(x)
-        q, k = qk_norm_rope(qkv, self.n_heads, self.q_norm, self.k_norm, *rope)  # each [B, S, H, D]
-        v = qkv.unflatten(-1, (3, self.n_heads, -1))[:, :, 2]
-        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)
-        return self.out(out.transpose(1, 2).flatten(2))
+    def forward(self, x: torch.Tensor | E4M3Rows, rope: tuple[torch.Tensor, torch.Tensor],
+                key_mask: torch.Tensor | None):
+        # the kernel normalizes and rotates q and k in the form it reads them (attention.AttentionKernel)
+        return self.out(self.attend.from_projection(self.qkv(x), self.n_heads, self.q_norm, self.k_norm, rope,
+                                                    key_mask))
 
 
 class SwiGLU(nn.Module):
@@ -79,8 +78,8 @@ class SwiGLU(nn.Module):
         self.w2 = ops.Linear(hidden, dim, bias=False)
         self.w3 = ops.Linear(dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+    def forward(self, x: torch.Tensor | E4M3Rows) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), e4m3=takes_e4m3_rows(self.w2)))
 
 
 def per_token(modulation: torch.Tensor, noisy: torch.Tensor | None) -> torch.Tensor:
@@ -93,7 +92,7 @@ def per_token(modulation: torch.Tensor, noisy: torch.Tensor | None) -> torch.Ten
 class TransformerBlock(nn.Module):
     """Attention and SwiGLU, each wrapped in a sandwich of RMSNorms; optionally timestep-modulated."""
 
-    def __init__(self, cfg: ZImageConfig, attention: Attention, modulated: bool, ops: Ops):
+    def __init__(self, cfg: ZImageConfig, attention: AttentionKernel, modulated: bool, ops: Ops):
         super().__init__()
         self.attention = SelfAttention(cfg, attention, ops)
         self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden, ops)
@@ -112,9 +111,11 @@ class TransformerBlock(nn.Module):
         scale_attn = gate_attn = scale_ffn = gate_ffn = None
         if self.modulated:
             scale_attn, gate_attn, scale_ffn, gate_ffn = per_token(self.adaLN_modulation(t_emb), noisy).chunk(4, dim=-1)
-        h = self.attention(norm_modulate(x, self.attention_norm1, scale_attn), rope, key_mask)
+        # where the next layer computes in FP8 (fp8.use_fp8_matmuls), the norm step writes its e4m3 codes directly
+        h = self.attention(norm_modulate(x, self.attention_norm1, scale_attn, takes_e4m3_rows(self.attention.qkv)),
+                           rope, key_mask)
         x = add_gated_norm(x, h, self.attention_norm2, gate_attn)
-        h = self.feed_forward(norm_modulate(x, self.ffn_norm1, scale_ffn))
+        h = self.feed_forward(norm_modulate(x, self.ffn_norm1, scale_ffn, takes_e4m3_rows(self.feed_forward.w1)))
         return add_gated_norm(x, h, self.ffn_norm2, gate_ffn)
 
 

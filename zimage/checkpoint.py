@@ -28,6 +28,7 @@ from .blocks import Ops
 from .config import ZImageConfig
 from .control import ControlConfig, ControlNet
 from .fp8 import use_fp8_matmuls
+from .fp8_attention import use_fp8_attention
 from .gguf_file import GGUFFile, is_gguf
 from .files import (SAFETENSORS_DTYPES, CheckpointError, TensorEntry, checkpoint_files, read_json,
                     read_safetensors_header, read_safetensors_metadata, short_repr, transformer_folder)
@@ -316,7 +317,8 @@ def _depth(plan, stack: str) -> int:
 
 
 def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                     attention: str = "auto", fp8_matmuls: bool = False, ops: Ops = Ops()) -> S3DiT:
+                     attention: str = "auto", fp8_matmuls: bool = False, fp8_attention: bool = False,
+                     ops: Ops = Ops()) -> S3DiT:
     """Load a Z-Image transformer file or diffusers folder into an S3DiT on `device`.
 
     dtype None keeps the stored precision (fp8 files load as bfloat16). Tensors are read one at a time
@@ -326,7 +328,8 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
     are dequantized here (GGUF's own choice leaves them in BF16, F16 or F32 anyway).
     attention: the SDPA kernel preference (attention.BACKENDS). fp8_matmuls: the blocks' matrices as e4m3 with
     FP8 matrix multiplies (fp8.use_fp8_matmuls; not for quantized GGUF matrices, which keep their own
-    quantization). ops: the layer classes, a host's own (blocks.Ops).
+    quantization). fp8_attention: attention in FP8 where cuDNN's FP8 kernel runs (fp8_attention.py; elsewhere the
+    `attention` kernels). ops: the layer classes, a host's own (blocks.Ops).
     How its forwards run (CUDA graphs, compile, streaming) is a Runner's (runner.py).
     """
     from safetensors import safe_open
@@ -365,6 +368,8 @@ def load_transformer(path: str, device: str | torch.device = "cpu", dtype: torch
         handles.clear()
     if fp8_matmuls:
         use_fp8_matmuls(model)
+    if fp8_attention:
+        use_fp8_attention(model)
     return model.eval()
 
 

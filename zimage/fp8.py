@@ -12,6 +12,8 @@ rounding itself makes, 3.8e-2 (bench/bench_gemm.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -52,20 +54,34 @@ def _quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
+store_e4m3_row = None  # without Triton: the PyTorch steps of quantize_rows run instead
+
 if triton is not None:
 
-    @triton.jit  # top arrives as float64 inside torch.compile'd blocks: cast
+    @triton.jit
+    def store_e4m3_row(x, codes_ptr, scale_ptr, offsets, mask, top):
+        """Store one row x (bf16, in registers; masked elements 0) as quantize_rows does: its e4m3 codes at
+        codes_ptr + offsets and its scale at scale_ptr. The kernels that produce a GEMM's input (fused.py) call this
+        on the row they hold, so that no separate quantization pass reads it again."""
+        amax = tl.maximum(tl.max(tl.abs(x.to(tl.float32)), axis=0), 1e-12)
+        # IEEE division and round-to-nearest casts: the roundings of the PyTorch steps in quantize_rows
+        factor = tl.math.div_rn(tl.cast(top, tl.float32), amax).to(x.dtype, fp_downcast_rounding="rtne")
+        scaled = (x.to(tl.float32) * factor.to(tl.float32)).to(x.dtype, fp_downcast_rounding="rtne")
+        tl.store(codes_ptr + offsets, scaled.to(codes_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr, tl.math.div_rn(1.0, factor.to(tl.float32)))
+
+    @triton.jit  # top arrives as float64 inside torch.compile'd blocks: cast (store_e4m3_row)
     def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, width, top, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < width
         x = tl.load(x_ptr + row * width + cols, mask=mask, other=0.0)
-        amax = tl.maximum(tl.max(tl.abs(x.to(tl.float32)), axis=0), 1e-12)
-        # IEEE division and round-to-nearest casts: the roundings of the PyTorch steps in quantize_rows
-        factor = tl.math.div_rn(tl.cast(top, tl.float32), amax).to(x.dtype, fp_downcast_rounding="rtne")
-        scaled = (x.to(tl.float32) * factor.to(tl.float32)).to(x.dtype, fp_downcast_rounding="rtne")
-        tl.store(codes_ptr + row * width + cols, scaled.to(codes_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + row, tl.math.div_rn(1.0, factor.to(tl.float32)))
+        store_e4m3_row(x, codes_ptr + row * width, scale_ptr + row, cols, mask, top)
+
+
+def takes_e4m3_rows(linear: nn.Module) -> bool:
+    """Whether a layer reads its input as E4M3Rows (an Fp8Linear): its producer then quantizes as it writes."""
+    return getattr(linear, "takes_e4m3_rows", False)
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
@@ -73,8 +89,24 @@ def scaled_mm_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+class E4M3Rows(NamedTuple):
+    """Activations as an Fp8Linear reads them, quantized by the kernel that produced them (fused.py, `e4m3=True`):
+    quantize_rows' codes [..., K] and scales [..., 1], and the dtype the rows were computed in (the GEMM's output's)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "E4M3Rows":
+        return cls(*quantize_rows(x), x.dtype)
+
+
 class Fp8Linear(nn.Module):
-    """A bias-free Linear whose matrix lives in e4m3 with per-row scales; computes in FP8, returns x's dtype."""
+    """A bias-free Linear whose matrix lives in e4m3 with per-row scales; computes in FP8, returns x's dtype. It
+    takes x as a tensor, quantized here per row, or as E4M3Rows its producer quantized (takes_e4m3_rows)."""
+
+    takes_e4m3_rows = True
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor):
         super().__init__()
@@ -88,16 +120,16 @@ class Fp8Linear(nn.Module):
             raise ValueError("Fp8Linear takes bias-free layers (the transformer blocks' linears have none)")
         return cls(*quantize_rows(linear.weight.detach()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        x_q, x_scale = quantize_rows(rows)
-        if x.is_cuda:
+    def forward(self, x: torch.Tensor | E4M3Rows) -> torch.Tensor:
+        rows = x if isinstance(x, E4M3Rows) else E4M3Rows.of(x)
+        x_q, x_scale = rows.codes.reshape(-1, self.in_features), rows.scale.reshape(-1, 1)
+        if x_q.is_cuda:
             out = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
-                                   out_dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype,
+                                   out_dtype=torch.bfloat16 if rows.dtype == torch.float32 else rows.dtype,
                                    use_fast_accum=True)
         else:
             out = (x_q.float() * x_scale) @ (self.weight.float() * self.weight_scale).t()
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return out.to(rows.dtype).reshape(*rows.codes.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 rowwise"

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .attention import Attention
+from .attention import AttentionKernel
 
 
 def padded_heads(n_heads: int, count: int) -> int:
@@ -81,11 +81,11 @@ class SequenceShare:
                                f"another process has failed or stalled ({e})") from e
 
 
-class UlyssesAttention:
+class UlyssesAttention(AttentionKernel):
     """attention(q, k, v, key_mask) as Attention's, q, k, v [B, H, s, D] holding this process's share of the
     sequence; key_mask [B, 1, 1, count * s] covers every process's tokens in process order (sequence.py)."""
 
-    def __init__(self, attention: Attention, share: SequenceShare):
+    def __init__(self, attention: AttentionKernel, share: SequenceShare):
         self.attention = attention
         self.share = share
 
