@@ -168,6 +168,21 @@ def e4m3_rows_mismatches(device: str) -> dict[str, list[int]]:
     return out
 
 
+def under_the_interpreter(call: str):
+    """test_fused.<call>'s JSON result, computed in a process of its own where Triton's interpreter runs the kernels
+    on CPU tensors (it is chosen when Triton first builds a kernel)."""
+    pytest.importorskip("triton", reason="Triton is not installed with this PyTorch (it comes with Linux builds)")
+    script = ("import json, torch, test_fused; from zimage import kernels; "
+              "assert kernels.INTERPRETED and kernels.triton_runs(torch.zeros(1)); "
+              f"print(json.dumps(test_fused.{call}))")
+    here = Path(__file__).parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
+    result = subprocess.run([sys.executable, "-c", script], cwd=here, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_producers_write_the_e4m3_rows_quantize_rows_makes_of_their_output():
     mismatches = e4m3_rows_mismatches("cpu")
     assert mismatches and all(m == [0, 0] for m in mismatches.values()), mismatches
@@ -176,16 +191,7 @@ def test_producers_write_the_e4m3_rows_quantize_rows_makes_of_their_output():
 def test_producer_kernels_under_the_interpreter_quantize_as_the_quantization_kernel():
     """Under the interpreter both sides are Triton kernels (quantize_rows' own, and the producers' fused
     quantization), so its e4m3 casts are the same on both: the codes and scales must be equal."""
-    pytest.importorskip("triton", reason="Triton is not installed with this PyTorch (it comes with Linux builds)")
-    script = ("import json, torch, test_fused; from zimage import kernels; "
-              "assert kernels.INTERPRETED and kernels.triton_runs(torch.zeros(1)); "
-              "print(json.dumps(test_fused.e4m3_rows_mismatches('cpu')))")
-    here = Path(__file__).parent
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
-    result = subprocess.run([sys.executable, "-c", script], cwd=here, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    mismatches = json.loads(result.stdout.strip().splitlines()[-1])
+    mismatches = under_the_interpreter("e4m3_rows_mismatches('cpu')")
     assert mismatches.keys() == e4m3_rows_mismatches("cpu").keys()
     assert all(m == [0, 0] for m in mismatches.values()), mismatches
 
@@ -207,16 +213,7 @@ def test_plain_pytorch_path_computes_the_formulas():
 
 def test_triton_kernels_compute_the_formulas_under_the_interpreter():
     """The kernels themselves, run by Triton's interpreter on CPU tensors: the CPU machines (CI) check them."""
-    pytest.importorskip("triton", reason="Triton is not installed with this PyTorch (it comes with Linux builds)")
-    script = ("import json, torch, test_fused; from zimage import kernels; "
-              "assert kernels.INTERPRETED and kernels.triton_runs(torch.zeros(1)); "
-              "print(json.dumps(test_fused.relative_errors('cpu', torch.float32)))")
-    here = Path(__file__).parent
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
-    result = subprocess.run([sys.executable, "-c", script], cwd=here, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = under_the_interpreter("relative_errors('cpu', torch.float32)")
     assert len(errors) == len(relative_errors("cpu", torch.float32))
     assert max(errors.values()) < 1e-6, errors
 
@@ -225,16 +222,7 @@ def test_e4m3_kernel_under_the_interpreter_writes_the_formula_within_e4m3_roundi
     """qk_norm_e4m3's kernel under the interpreter: its scales as the formula's; its codes as the formula's
     rounding except where the interpreter's own e4m3 cast rounds a carry into the next binade one binade low
     (seen: 8 written as 4), so the codes are checked through their values, within e4m3's rounding."""
-    pytest.importorskip("triton", reason="Triton is not installed with this PyTorch (it comes with Linux builds)")
-    script = ("import json, torch, test_fused; from zimage import kernels; "
-              "assert kernels.INTERPRETED and kernels.triton_runs(torch.zeros(1)); "
-              "print(json.dumps(test_fused.e4m3_report('cpu', torch.float32)))")
-    here = Path(__file__).parent
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
-    result = subprocess.run([sys.executable, "-c", script], cwd=here, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = under_the_interpreter("e4m3_report('cpu', torch.float32)")
     assert report.keys() == e4m3_report("cpu", torch.float32).keys()
     for name, r in report.items():
         assert r["scales"] < 1e-6, (name, r)
