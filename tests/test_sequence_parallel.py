@@ -1,4 +1,4 @@
-"""Sequence parallelism (zimage/parallel.py) on the CPU: several processes with the gloo backend, started by
+"""Sequence and batch (CFG) parallelism (zimage/parallel.py) on the CPU: several processes with the gloo backend, started by
 torch.multiprocessing, give the one-process forward; which tokens and heads each process owns; a process that
 fails or stalls makes the others fail with a clear error instead of hanging."""
 
@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from helpers import randomize_
-from zimage import S3DiT, ZImageConfig
+from zimage import S3DiT, ZImageConfig, flow_sigmas, sample
 from zimage.attention import Attention
-from zimage.parallel import SequenceShare, UlyssesAttention, padded_heads
+from zimage.parallel import BatchShare, SequenceShare, UlyssesAttention, padded_heads
 from zimage.runner import Runner
 from zimage.sequence import plain_layout
 
@@ -76,6 +76,30 @@ def _forwards(rank: int, world: int, rendezvous: str, out: str) -> None:
             runner = Runner(make_model(cfg), share=share)
             for case in CASES:
                 results[f"{cfg_name}/{case}"] = runner(*case_inputs(cfg, case)).contiguous()
+    save_file(results, f"{out}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def guided_sampling(runner, cfg: ZImageConfig) -> torch.Tensor:
+    """Three Base steps with guidance on one image: every model call is the batch [positive, negative], whose
+    captions differ in length."""
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(1, cfg.in_channels, 6, 10, generator=g)
+    positive, negative = [torch.randn(n, cfg.cap_feat_dim, generator=g) for n in (9, 40)]
+    return sample(runner, noise, flow_sigmas(3, 3.0), [positive], negative=[negative], guidance=4.0)
+
+
+def _batch_forwards(rank: int, world: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    share = BatchShare.of()
+    results = {}
+    with torch.no_grad():
+        for cfg_name, cfg in CONFIGS.items():
+            runner = Runner(make_model(cfg), share=share)
+            for case in ("batch2", "uneven"):
+                results[f"{cfg_name}/{case}"] = runner(*case_inputs(cfg, case)).contiguous()
+            results[f"{cfg_name}/guided"] = guided_sampling(runner, cfg).contiguous()
     save_file(results, f"{out}/rank{rank}.safetensors")
     dist.destroy_process_group()
 
@@ -151,6 +175,33 @@ def test_ulysses_attention_equals_attention(parallel_results, heads):
     for rank, result in enumerate(results):
         torch.testing.assert_close(result[f"attention{heads}"], expected[:, :, SequenceShare(rank, world).tokens(12)],
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def batch_results(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bp2")
+    spawn(_batch_forwards, 2, tmp_path)
+    return [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+
+
+@pytest.mark.parametrize("cfg_name", CONFIGS)
+@pytest.mark.parametrize("case", ["batch2", "uneven", "guided"])
+def test_batch_parallel_forward_and_guided_sampling_equal_one_process(batch_results, cfg_name, case):
+    """Two processes, one sample each (with guidance: the positive pass on one, the negative on the other)."""
+    cfg = CONFIGS[cfg_name]
+    with torch.no_grad():
+        expected = (guided_sampling(Runner(make_model(cfg)), cfg) if case == "guided"
+                    else make_model(cfg)(*case_inputs(cfg, case)))
+    for rank, result in enumerate(batch_results):  # every process returns the whole batch
+        got = result[f"{cfg_name}/{case}"]
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"process {rank}: {m}")
+
+
+def test_batch_shares_cover_the_batch_in_order():
+    assert [list(range(6))[BatchShare(i, 3).samples(6)] for i in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="a batch of 2 samples does not split into 3 equal shares"):
+        BatchShare(0, 3).samples(2)
 
 
 def test_a_failing_process_stops_the_others(tmp_path):

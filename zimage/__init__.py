@@ -3,7 +3,8 @@
 The whole public API:
     ZImageConfig, S3DiT                  the transformer's shape, and the network (parameters and math)
     Runner                               how its forwards run: layouts, CUDA graphs, streaming, compile, buffers
-    SequenceShare                        a process's share of a forward split across a torch.distributed group
+    SequenceShare, BatchShare            a process's share of a forward split across a torch.distributed group:
+                                         of its tokens (sequence parallel), of its samples (CFG parallel)
     load_transformer, inspect_checkpoint the files users have (ComfyUI single file, diffusers folder, fp8)
     convert_state_dict, CheckpointError  key mapping, and the error every refused file raises
     read_safetensors_header              any safetensors file's tensors, its header checked first
@@ -34,7 +35,7 @@ from .model import S3DiT
 from .omni import Reference
 from .quantized import QuantizedLinear
 from .prompt import CHAT_TEMPLATE, omni_prompt_chunks
-from .parallel import SequenceShare
+from .parallel import BatchShare, SequenceShare
 from .runner import Runner
 from .sampler import PRESETS, flow_sigmas, make_noise, sample
 
@@ -42,4 +43,5 @@ __all__ = ["ZImageConfig", "S3DiT", "Runner", "load_transformer", "inspect_check
            "CheckpointError", "read_safetensors_header", "source_keys", "flow_sigmas", "make_noise", "sample",
            "PRESETS", "CHAT_TEMPLATE", "omni_prompt_chunks", "Reference", "Ops", "RMSNorm", "Fp8Linear", "E4M3",
            "E4M3_MAX", "ATTENTION_BACKENDS", "scaled_mm_supported", "ControlNet", "ControlConfig", "ControlHints",
-           "engine_key", "load_controlnet", "QuantizedLinear", "SequenceShare", "fp8_attention_blocker"]
+           "engine_key", "load_controlnet", "QuantizedLinear", "SequenceShare", "BatchShare",
+           "fp8_attention_blocker"]

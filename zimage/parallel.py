@@ -37,20 +37,64 @@ def padded_heads(n_heads: int, count: int) -> int:
 
 
 @dataclass(frozen=True)
-class SequenceShare:
-    """Share `index` of `count` of every stream's tokens, computed by this process of `group` (None: the default
-    group). SequenceShare.of(group) is the share of the calling process."""
+class _Share:
+    """This process's part (`index` of `count`) of the work of the processes of `group` (None: the default group);
+    Share.of(group) is the calling process's."""
 
     index: int
     count: int
     group: dist.ProcessGroup | None = None
 
     @classmethod
-    def of(cls, group: dist.ProcessGroup | None = None) -> "SequenceShare":
+    def of(cls, group: dist.ProcessGroup | None = None):
         if not dist.is_initialized():
-            raise RuntimeError("sequence parallelism needs a torch.distributed process group: call "
-                               "torch.distributed.init_process_group in every process first")
+            raise RuntimeError(f"{cls.__name__} needs a torch.distributed process group: call "
+                               f"torch.distributed.init_process_group in every process first")
         return cls(dist.get_rank(group), dist.get_world_size(group), group)
+
+    def _gather(self, what: str, part: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every process's `part` (all of one shape), concatenated along dim in process order."""
+        part = part.contiguous()
+        parts = [torch.empty_like(part) for _ in range(self.count)]
+        self._collective(what, dist.all_gather, parts, part, group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def _collective(self, what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except RuntimeError as e:  # gloo and NCCL raise RuntimeError (or subclasses) on timeouts and lost peers
+            raise RuntimeError(f"Z-Image {self.kind}: process {self.index} of {self.count} failed {what}: "
+                               f"another process has failed or stalled ({e})") from e
+
+
+@dataclass(frozen=True)
+class BatchShare(_Share):
+    """Share `index` of `count` of a forward's samples, computed by this process: with classifier-free guidance
+    the sampler's batch is [positive, negative], so two processes compute one pass each (CFG parallel). Each
+    process runs its samples as one whole forward (masks only where its own captions differ in length), and every
+    process returns the whole batch's velocity (gather)."""
+
+    kind = "batch parallel"
+
+    def samples(self, batch: int) -> slice:
+        if batch % self.count:
+            raise ValueError(f"a batch of {batch} samples does not split into {self.count} equal shares: with "
+                             f"guidance the batch is 2 (positive and negative) per image, so use 2 processes, or a "
+                             f"batch of images that {self.count} divides")
+        n = batch // self.count
+        return slice(self.index * n, (self.index + 1) * n)
+
+    def gather(self, velocity: torch.Tensor) -> torch.Tensor:
+        """[n, ...] of this process -> [count * n, ...], every process's samples in process order."""
+        return self._gather("gathering the velocities", velocity, dim=0)
+
+
+@dataclass(frozen=True)
+class SequenceShare(_Share):
+    """Share `index` of `count` of every stream's tokens, computed by this process of `group` (None: the default
+    group). SequenceShare.of(group) is the share of the calling process."""
+
+    kind = "sequence parallel"
 
     def tokens(self, length: int) -> slice:
         """This process's tokens of a stream of `length` tokens (a multiple of count)."""
@@ -61,10 +105,7 @@ class SequenceShare:
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, n, ...] of this process -> [B, count * n, ...]: every process's tokens, in process order."""
-        tokens = tokens.contiguous()
-        parts = [torch.empty_like(tokens) for _ in range(self.count)]
-        self._collective("gathering the image tokens", dist.all_gather, parts, tokens, group=self.group)
-        return torch.cat(parts, dim=1)
+        return self._gather("gathering the image tokens", tokens, dim=1)
 
     def all_to_all(self, what: str, x: torch.Tensor) -> torch.Tensor:
         """x [count, ...]: x[j] goes to process j; returns [count, ...] with [j] from process j."""
@@ -72,13 +113,6 @@ class SequenceShare:
         out = torch.empty_like(x)  # contiguous as x is now: the collective writes it as one block per process
         self._collective(what, dist.all_to_all_single, out, x, group=self.group)
         return out
-
-    def _collective(self, what: str, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except RuntimeError as e:  # gloo and NCCL raise RuntimeError (or subclasses) on timeouts and lost peers
-            raise RuntimeError(f"Z-Image sequence parallel: process {self.index} of {self.count} failed {what}: "
-                               f"another process has failed or stalled ({e})") from e
 
 
 class UlyssesAttention(AttentionKernel):

@@ -21,14 +21,14 @@ from .kernels import check_kernels
 from .model import S3DiT
 from .blocks import SelfAttention
 from .omni import Reference
-from .parallel import SequenceShare, UlyssesAttention, padded_heads
+from .parallel import BatchShare, SequenceShare, UlyssesAttention, padded_heads
 from .sequence import layout_key, sequence_layout
 from .streaming import WeightStreamer
 
 
 class Runner:
     def __init__(self, model: S3DiT, cuda_graphs: bool = False, compile: bool = False,
-                 share: SequenceShare | None = None):
+                 share: SequenceShare | BatchShare | None = None):
         """cuda_graphs: replay each input shape's forward as one CUDA graph (cuda_graphs.py): the same kernels on
         the same inputs, launched at once instead of one by one. Used for prompts without reference images when
         every weight is on the CUDA device the inputs are on; otherwise forwards run as usual. Not over compiled
@@ -40,14 +40,16 @@ class Runner:
         block of its kind and sequence length. Since the norms, RoPE, modulation and gates run as fused kernels
         (fused.py), which compiled graphs call as they are, this measured no faster on an H100 and gives the
         eager result bit for bit (bench/results).
-        share: split each forward across the processes of a torch.distributed group, this process computing this
-        share of the tokens (parallel.py; SequenceShare.of(group)). Every process calls with the same inputs and
-        gets the whole velocity. The model's blocks then attend across the processes: run it through this Runner
-        only. Prompts without reference images or ControlNets; no CUDA graphs yet (the collectives were not
-        captured)."""
+        share: split each forward across the processes of a torch.distributed group (parallel.py); every process
+        calls with the same inputs and gets the whole velocity. SequenceShare.of(group): this process computes its
+        share of the tokens, and the model's blocks then attend across the processes (run it through this Runner
+        only); prompts without reference images or ControlNets, no CUDA graphs yet (the collectives were not
+        captured). BatchShare.of(group): this process computes its share of the samples as a whole forward of its
+        own (everything this Runner runs, CUDA graphs included), then the velocities are gathered: with guidance,
+        the positive and the negative pass on two processes (CFG parallel)."""
         self.model = model
         self.share = share
-        if share is not None:
+        if isinstance(share, SequenceShare):
             padded_heads(model.cfg.n_heads, share.count)  # refuses more processes than heads
             attention = UlyssesAttention(model.attention, share)
             for module in model.modules():
@@ -61,7 +63,8 @@ class Runner:
             _compile_blocks(model)
         if cuda_graphs:
             self.graphs_off = ("the blocks are compiled" if compile else
-                               "the forward is split across processes" if share is not None else capture_blocker())
+                               "the forward is split across processes" if isinstance(share, SequenceShare)
+                               else capture_blocker())
             if self.graphs_off is None:
                 self.graphs = GraphedForward()
             elif not compile:
@@ -84,19 +87,30 @@ class Runner:
                  control: list[ControlHints] | None = None) -> torch.Tensor:
         """S3DiT.forward's velocity for these inputs, run as this runner runs forwards. control: ControlNets whose
         hints are added to the image tokens (control.py), in order."""
+        if not isinstance(self.share, BatchShare):
+            return self._forward(latents, sigma, caption_feats, references, control)
+        self.model.check_inputs(latents, sigma, caption_feats, references)
+        mine = self.share.samples(len(latents))
+        control = [ControlHints(h.net, h.latent[mine] if len(h.latent) > 1 else h.latent, h.strength)
+                   for h in control or ()]
+        return self.share.gather(self._forward(latents[mine], sigma[mine], caption_feats[mine],
+                                               references[mine] if references is not None else None, control))
+
+    def _forward(self, latents, sigma, caption_feats, references, control) -> torch.Tensor:
         model = self.model
         model.check_inputs(latents, sigma, caption_feats, references)
         if control and references is not None:
             raise ValueError("a ControlNet and reference images in one forward: the Fun ControlNets are made for "
                              "Z-Image-Turbo's text-to-image sequence; use one or the other")
-        if self.share is not None and (control or references is not None):
+        if isinstance(self.share, SequenceShare) and (control or references is not None):
             raise ValueError("a forward split across processes takes prompts without ControlNets or reference "
                              "images for now: run those in one process")
         device = latents.device
         check_kernels(device, model.dtype)
         key = layout_key(latents, caption_feats, references)
         if key != self.layout_key:
-            self.layout = sequence_layout(model.cfg, latents, caption_feats, references, self.share)
+            self.layout = sequence_layout(model.cfg, latents, caption_feats, references,
+                                          self.share if isinstance(self.share, SequenceShare) else None)
             self.layout_key = key
         layout, blocks = self.layout, self._blocks(device)
         control = control or []
