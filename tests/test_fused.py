@@ -246,5 +246,6 @@ def test_triton_kernels_compute_the_formulas_on_cuda(dtype, tolerance):
 def test_producer_kernels_on_cuda_quantize_as_the_quantization_kernel():
     kernels.check_kernels(torch.device("cuda"), torch.bfloat16)
     assert kernels.TRITON_WORKS, "Triton cannot run its kernels on this machine"
+    assert kernels.E4M3_WORKS, "the kernels that write e4m3 codes do not run on this GPU"
     mismatches = e4m3_rows_mismatches("cuda")
     assert all(m == [0, 0] for m in mismatches.values()), mismatches

@@ -77,13 +77,17 @@ class Fp8Attention(AttentionKernel):
             return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).to(dtype)
         batch, seq_len, heads, head_dim = codes.shape[1:]
         key = (batch, seq_len, heads, head_dim, dtype, codes.device)
-        if key not in self.graphs:
+        if key not in self.graphs:  # the first call at a shape: eager, never inside a CUDA graph capture
             try:
-                self.graphs[key] = _CudnnGraph(batch, seq_len, heads, head_dim, dtype, codes.device)
-            except Exception as e:  # cuDNN's refusals come as several exception types
+                graph = _CudnnGraph(batch, seq_len, heads, head_dim, dtype, codes.device)
+                out = graph(codes, scales)  # cuDNN's refusals can come as late as the first run
+            except Exception as e:  # and as several exception types
                 logging.warning(f"Z-Image: cuDNN has no FP8 attention for {heads} heads of {seq_len} tokens "
-                                f"({type(e).__name__}: {str(e)[:200]}); this shape runs in {dtype}.")
+                                f"({type(e).__name__}: {str(e)[:200]}); this shape attends in {dtype}.")
                 self.graphs[key] = None
+            else:
+                self.graphs[key] = graph
+                return out
         graph = self.graphs[key]
         if graph is None:
             q, k, v = (codes.to(dtype) * scales[:, None, None, None, None].to(dtype)).transpose(2, 3)

@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fp8 import E4M3, E4M3_TOP, E4M3Rows, scaled_mm_supported, store_e4m3_row
-from .kernels import smoke_test, tl, triton, triton_runs
+from .fp8 import E4M3, E4M3_TOP, E4M3Rows, store_e4m3_row
+from .kernels import e4m3_kernels_run, e4m3_smoke_test, smoke_test, tl, triton, triton_runs
 from .rope import apply_rope
 
 
@@ -34,10 +34,17 @@ def _run_each_kernel(device: torch.device, dtype: torch.dtype) -> None:
     add_gated_norm(x, norm_modulate(x, norm, x), norm, x)
     qk_norm_rope(x, 2, head_norm, head_norm, rope, rope)
     swiglu(x, x)
-    if scaled_mm_supported(device):  # Triton writes e4m3 on Ada and newer, where the FP8 paths run
-        qk_norm_e4m3(x, 2, head_norm, head_norm, rope, rope)
-        norm_modulate(x, norm, x, e4m3=True)
-        swiglu(x, x, e4m3=True)
+
+
+@e4m3_smoke_test
+def _run_each_e4m3_kernel(device: torch.device, dtype: torch.dtype) -> None:
+    x = torch.ones(1, 2, 3 * 2 * 16, device=device, dtype=torch.bfloat16)  # the kernels write e4m3 from bf16
+    norm = _Norm(torch.ones(x.shape[-1], device=device, dtype=x.dtype))
+    head_norm = _Norm(torch.ones(16, device=device, dtype=x.dtype))
+    rope = torch.ones(1, 2, 1, 8, device=device)
+    qk_norm_e4m3(x, 2, head_norm, head_norm, rope, rope)
+    norm_modulate(x, norm, x, e4m3=True)
+    swiglu(x, x, e4m3=True)
 
 
 class _Norm:
@@ -80,9 +87,9 @@ def norm_modulate(x: torch.Tensor, norm, scale: torch.Tensor | None = None, e4m3
 
 def _outputs(x: torch.Tensor, e4m3: bool):
     """A producing kernel's outputs: (out, None, None), or (None, codes, scales) where it quantizes its rows
-    itself (bf16 rows: the quantization kernel's own rounding, fp8.store_e4m3_row); float32 rows are written
-    as they are and quantized after (quantize_rows)."""
-    if e4m3 and x.dtype == torch.bfloat16:
+    itself (bf16 rows, where the e4m3 kernels run: the quantization kernel's own rounding, fp8.store_e4m3_row);
+    other rows are written as they are and quantized after (quantize_rows)."""
+    if e4m3 and x.dtype == torch.bfloat16 and e4m3_kernels_run(x):
         return None, torch.empty(x.shape, dtype=E4M3, device=x.device), torch.empty(
             (*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     return torch.empty_like(x), None, None
@@ -133,7 +140,7 @@ def qk_norm_e4m3(qkv: torch.Tensor, n_heads: int, q_norm, k_norm, cos: torch.Ten
     q_weight, k_weight = q_norm.weight_for(q), k_norm.weight_for(k)
     v_amax = torch.linalg.vector_norm(v, float("inf"))  # one reduction over the strided view, exact in any dtype
     top_over_root = E4M3_TOP / math.sqrt(head_dim)
-    if not _kernel_takes(qkv, head_dim):
+    if not _kernel_takes(qkv, head_dim) or not e4m3_kernels_run(qkv):
         factors = torch.stack((top_over_root / q_weight.abs().amax().float().clamp(min=1e-12),
                                top_over_root / k_weight.abs().amax().float().clamp(min=1e-12),
                                E4M3_TOP / v_amax.float().clamp(min=1e-12)))

@@ -26,7 +26,11 @@ except ImportError:  # PyTorch on Windows or macOS comes without Triton
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # whether Triton builds and launches kernels in this process: None until check_kernels has tried
 TRITON_WORKS: bool | None = None
+# whether the kernels that write e4m3 codes run too (fused.py's e4m3 outputs; Ada and newer): newer code than the
+# rest, checked apart so that where they fail only they give way (to quantization in separate passes)
+E4M3_WORKS: bool | None = None
 SMOKE_TESTS: list[Callable[[torch.device, torch.dtype], None]] = []
+E4M3_SMOKE_TESTS: list[Callable[[torch.device, torch.dtype], None]] = []
 
 
 def triton_runs(x: torch.Tensor) -> bool:
@@ -35,16 +39,27 @@ def triton_runs(x: torch.Tensor) -> bool:
     return triton is not None and ((x.is_cuda and bool(TRITON_WORKS)) or INTERPRETED)
 
 
+def e4m3_kernels_run(x: torch.Tensor) -> bool:
+    """Whether the kernels that write e4m3 codes run for x (as triton_runs, and check_kernels saw them work)."""
+    return triton_runs(x) and (INTERPRETED or bool(E4M3_WORKS))
+
+
 def smoke_test(run: Callable[[torch.device, torch.dtype], None]):
     """Register run(device, dtype), which calls a module's kernels once on small tensors, with check_kernels."""
     SMOKE_TESTS.append(run)
     return run
 
 
+def e4m3_smoke_test(run: Callable[[torch.device, torch.dtype], None]):
+    """Register run(device, dtype) for the kernels that write e4m3 codes (run where FP8 GEMMs run)."""
+    E4M3_SMOKE_TESTS.append(run)
+    return run
+
+
 def check_kernels(device: torch.device, dtype: torch.dtype) -> None:
     """Build and run every registered kernel once on `device` in `dtype`, once per process (the Runner calls this
     before each forward; after the first it returns at once)."""
-    global TRITON_WORKS
+    global TRITON_WORKS, E4M3_WORKS
     if TRITON_WORKS is not None or triton is None or device.type != "cuda":
         return
     TRITON_WORKS = True  # so that the calls below take their kernels
@@ -56,3 +71,15 @@ def check_kernels(device: torch.device, dtype: torch.dtype) -> None:
                         f"running the unfused PyTorch steps, which are slower. A C compiler and the Python "
                         f"development headers are what Triton usually lacks.")
         TRITON_WORKS = False
+        return
+    if torch.cuda.get_device_capability(device) < (8, 9):  # no e4m3 on the GPU, and no FP8 path uses them
+        E4M3_WORKS = False
+        return
+    E4M3_WORKS = True
+    try:
+        for run in E4M3_SMOKE_TESTS:
+            run(device, dtype)
+    except Exception as e:
+        logging.warning(f"Z-Image: Triton cannot run the kernels that write e4m3 codes here ({type(e).__name__}: "
+                        f"{str(e)[:300]}); the FP8 paths quantize in separate passes, a little slower.")
+        E4M3_WORKS = False
