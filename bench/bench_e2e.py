@@ -227,7 +227,8 @@ def write_table(result: dict, path: str) -> None:
     s = result["summary"]
     lines = ["# Z-Image Turbo end to end: native template graph vs the pack's workflow, through ComfyUI's executor", "",
              provenance_line(result), "",
-             f"ComfyUI {result['comfyui']}, comfy-kitchen {result['comfy_kitchen'] or 'not installed'}, allocator "
+             f"ComfyUI {result['comfyui']}, comfy-kitchen {result['comfy_kitchen'] or 'not installed'}, cuDNN frontend "
+             f"{result['cudnn_frontend'] or 'not installed (engine attention in bf16)'}, allocator "
              f"{result['allocator']}, VRAM state {result['vram_state']}.", "",
              result["what"] + ". Seconds, median (min-max) of the timed runs; node times between the executor's "
              "events, the GPU synchronised at each.", "",

@@ -254,7 +254,8 @@ def write_table(result: dict, path: str) -> None:
     sizes = [r["size"] for r in rows]
     graphs = result["engine_cuda_graphs"]
     lines = ["# Z-Image transformer forward: native ComfyUI and this engine", "", provenance_line(result), "",
-             f"ComfyUI {result['comfyui']}, comfy-kitchen {result['comfy_kitchen'] or 'not installed'}, allocator "
+             f"ComfyUI {result['comfyui']}, comfy-kitchen {result['comfy_kitchen'] or 'not installed'}, cuDNN frontend "
+             f"{result['cudnn_frontend'] or 'not installed (engine attention in bf16)'}, allocator "
              f"{result['allocator']}; engine CUDA graphs: "
              + ", ".join(f"{v} {'on' if on else 'off'}" for v, on in graphs.items()) + ".", "",
              result["what"] + ". Milliseconds per forward: median (spread) of CUDA-event timings, variants timed in "

@@ -82,16 +82,20 @@ def check_allocator(allocator: str, cpu: bool) -> str:
 
 
 def comfy_versions() -> dict:
-    """ComfyUI's version and comfy-kitchen's (the kernels its native fp8 and RoPE use), for the result files."""
+    """ComfyUI's version, comfy-kitchen's (the kernels its native fp8 and RoPE use) and the cuDNN frontend's (the
+    engine's FP8 attention, where installed), for the result files."""
     from importlib import metadata
 
     import comfyui_version
 
-    try:
-        kitchen = metadata.version("comfy-kitchen")
-    except metadata.PackageNotFoundError:
-        kitchen = None
-    return {"comfyui": comfyui_version.__version__, "comfy_kitchen": kitchen}
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"comfyui": comfyui_version.__version__, "comfy_kitchen": version("comfy-kitchen"),
+            "cudnn_frontend": version("nvidia-cudnn-frontend")}
 
 
 def install_tiny_shims(tiny_dit) -> None:

@@ -114,8 +114,8 @@ class ZImageLoader:
                              "default: bf16 where the device supports it (fp8 files stay fp8 in memory); "
                              "fp8_e4m3fn: the blocks' matrices in fp8, computed in bf16, about half the memory. "
                              "fp8_e4m3fn_fast: fp8 matrix multiplies too (per-row weight scales, activations "
-                             "per token) on Ada/Hopper GPUs: about 1.3x faster than bf16 on an H100. The result "
-                             "moves a little. A quantized GGUF keeps its own quantization: default, bf16 or fp32 "
+                             "per token) on Ada/Hopper GPUs: about 1.3x faster than bf16 on an H100; attention in "
+                             "fp8 too on Hopper+ where nvidia-cudnn-frontend is installed. The result moves a little. A quantized GGUF keeps its own quantization: default, bf16 or fp32 "
                              "(the dtype its matrices are dequantized to)."}),
             "attention": (list(ATTENTION_BACKENDS), {"default": "auto", "tooltip":
                           "Attention kernel, chosen once at load. auto prefers cuDNN, then flash, then the others."}),

@@ -201,3 +201,25 @@ def test_load_transformer_chooses_fp8_attention_at_load(tmp_path):
     assert all(m.attend is model.attention for m in model.modules() if isinstance(m, SelfAttention))
     plain = load_transformer(path, dtype=torch.float32, fp8_matmuls=True)
     assert not isinstance(plain.attention, Fp8Attention)
+
+
+def test_fp8_attention_says_why_it_cannot_run(monkeypatch):
+    """The reasons the loader's summary and the log give: a GPU older than Hopper; the cuDNN frontend missing."""
+    import builtins
+
+    from zimage.fp8_attention import fp8_attention_blocker
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert "NVIDIA GeForce RTX 3090 is older than Hopper" in fp8_attention_blocker(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    real_import = builtins.__import__
+
+    def without_cudnn(name, *args, **kwargs):
+        if name == "cudnn":
+            raise ModuleNotFoundError("No module named 'cudnn'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_cudnn)
+    reason = fp8_attention_blocker(torch.device("cuda"))
+    assert "the cuDNN frontend does not import" in reason and "pip install nvidia-cudnn-frontend" in reason
