@@ -5,6 +5,8 @@ The whole public API:
     Runner                               how its forwards run: layouts, CUDA graphs, streaming, compile, buffers
     SequenceShare, BatchShare            a process's share of a forward split across a torch.distributed group:
                                          of its tokens (sequence parallel), of its samples (CFG parallel)
+    WorkerRunner, WorkerError            a model across devices: worker processes, one per device, that this process
+                                         starts (torch.multiprocessing) and feeds
     load_transformer, inspect_checkpoint the files users have (ComfyUI single file, diffusers folder, fp8)
     convert_state_dict, CheckpointError  key mapping, and the error every refused file raises
     read_safetensors_header              any safetensors file's tensors, its header checked first
@@ -38,10 +40,11 @@ from .prompt import CHAT_TEMPLATE, omni_prompt_chunks
 from .parallel import BatchShare, SequenceShare
 from .runner import Runner
 from .sampler import PRESETS, flow_sigmas, make_noise, sample
+from .workers import WorkerError, WorkerRunner
 
 __all__ = ["ZImageConfig", "S3DiT", "Runner", "load_transformer", "inspect_checkpoint", "convert_state_dict",
            "CheckpointError", "read_safetensors_header", "source_keys", "flow_sigmas", "make_noise", "sample",
            "PRESETS", "CHAT_TEMPLATE", "omni_prompt_chunks", "Reference", "Ops", "RMSNorm", "Fp8Linear", "E4M3",
            "E4M3_MAX", "ATTENTION_BACKENDS", "scaled_mm_supported", "ControlNet", "ControlConfig", "ControlHints",
-           "engine_key", "load_controlnet", "QuantizedLinear", "SequenceShare", "BatchShare",
+           "engine_key", "load_controlnet", "QuantizedLinear", "SequenceShare", "BatchShare", "WorkerRunner", "WorkerError",
            "fp8_attention_blocker"]

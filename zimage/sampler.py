@@ -144,7 +144,8 @@ def sample(
 ) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1] and return the final latents (float32, on `device`).
 
-    model: a Runner (runner.py), or an S3DiT, which then runs as it is (Runner(model)).
+    model: a Runner (runner.py) or anything called as one (workers.WorkerRunner), or an S3DiT, which then runs as
+    it is (Runner(model)).
 
     noise, latent: [B, C, H, W]; latent is the clean starting image for img2img (None: empty).
     sigmas: strictly decreasing, from at most 1 down to (usually) 0; flow_sigmas() makes them.
@@ -171,7 +172,7 @@ def sample(
     check_sigmas(sigmas)
     if mask is not None:
         check_mask(mask, noise, latent)
-    if not isinstance(model, Runner):
+    if isinstance(model, S3DiT):
         model = Runner(model)
     if guidance > 0 and negative is None:
         raise ValueError("guidance > 0 needs negative captions (an empty prompt's are the usual choice)")
