@@ -1,5 +1,6 @@
 """ComfyUI adapters for the zimage engine."""
 
+from .across_gpus import ZImageLoaderAcrossGPUs
 from .edit import ZImageEdit
 from .latent import ZImageLatent
 from .loader import ZImageLoader
@@ -9,6 +10,7 @@ from .text_encode import ZImageTextEncode
 
 NODE_CLASS_MAPPINGS = {
     "ZImageLoader": ZImageLoader,
+    "ZImageLoaderAcrossGPUs": ZImageLoaderAcrossGPUs,
     "ZImageLoraLoader": ZImageLoraLoader,
     "ZImageTextEncode": ZImageTextEncode,
     "ZImageLatent": ZImageLatent,
@@ -18,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageLoader": "Z-Image/Loader",
+    "ZImageLoaderAcrossGPUs": "Z-Image/Loader Across GPUs",
     "ZImageLoraLoader": "Z-Image/LoRA Loader",
     "ZImageTextEncode": "Z-Image/Text Encode",
     "ZImageLatent": "Z-Image/Empty Latent",

@@ -284,13 +284,8 @@ def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None, cu
                 if isinstance(module, torch.nn.Linear):
                     module.weight = torch.nn.Parameter(module.weight.data.to(storage_dtype), requires_grad=False)
 
-    unet_config = {"image_model": "lumina2", "disable_unet_model_creation": True, "dim": cfg.dim,
-                   "n_layers": cfg.n_layers, "n_refiner_layers": cfg.n_refiner_layers, "n_heads": cfg.n_heads,
-                   "cap_feat_dim": cfg.cap_feat_dim}
-    model_config = comfy.supported_models.ZImage(unet_config)
-    model_config.set_inference_dtype(storage_dtype or compute_dtype, manual_cast)
-    model = ZImageModel(model_config, Runner(transformer, cuda_graphs=cuda_graphs, compile=compile),
-                        device=mm.unet_offload_device())
+    model = ZImageModel(model_config_of(cfg, storage_dtype or compute_dtype, manual_cast),
+                        Runner(transformer, cuda_graphs=cuda_graphs, compile=compile), device=mm.unet_offload_device())
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     # ComfyUI's own samplers end with cleanup(): free the CUDA graphs and streaming buffers there, as
@@ -299,6 +294,49 @@ def comfy_model(transformer: S3DiT, storage_dtype: torch.dtype | None = None, cu
     if any(isinstance(m, ComfyQuantizedLinear) for m in transformer.modules()):
         patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, attach_quantized_patches)
         patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_DETACH, detach_quantized_patches)
+    return patcher
+
+
+def model_config_of(cfg, dtype: torch.dtype, manual_cast: torch.dtype | None):
+    """ComfyUI's Z-Image model config for a transformer of this shape (its own NextDiT never built)."""
+    unet_config = {"image_model": "lumina2", "disable_unet_model_creation": True, "dim": cfg.dim,
+                   "n_layers": cfg.n_layers, "n_refiner_layers": cfg.n_refiner_layers, "n_heads": cfg.n_heads,
+                   "cap_feat_dim": cfg.cap_feat_dim}
+    model_config = comfy.supported_models.ZImage(unet_config)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    return model_config
+
+
+class WeightsElsewhere(torch.nn.Module):
+    """Stands in for the network ComfyUI expects a model to hold, where the weights live in worker processes:
+    no parameters, and the dtype they compute in."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+
+class ZImageAcrossModel(ZImageModel):
+    """A Z-Image model whose forwards run in worker processes on other devices (zimage.WorkerRunner): ComfyUI's
+    sampling, previews and interruption run here as for any model; this process holds none of its weights, so
+    ComfyUI's model management has nothing of it to load or offload."""
+
+    def __init__(self, model_config, runner, dtype: torch.dtype, device=None):
+        comfy.model_base.Lumina2.__init__(self, model_config, device=device)
+        self.diffusion_model = WeightsElsewhere(dtype)
+        self.runner = runner
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        return 0  # this process only hands the latents over
+
+
+def comfy_model_across(runner, compute_dtype: torch.dtype) -> comfy.model_patcher.ModelPatcher:
+    """Hand a model whose forwards run in worker processes (zimage.WorkerRunner) to ComfyUI as a MODEL."""
+    model = ZImageAcrossModel(model_config_of(runner.cfg, compute_dtype, None), runner, compute_dtype,
+                              device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, release_buffers)
     return patcher
 
 

@@ -27,8 +27,8 @@ import comfy.weight_adapter
 import folder_paths
 
 from .checks import require_finite
+from ..zimage import CheckpointError, QuantizedLinear, WorkerRunner, read_safetensors_header, source_keys
 from .comfy_model import engine_of
-from ..zimage import CheckpointError, QuantizedLinear, read_safetensors_header, source_keys
 
 # What trainers write in front of a module's dotted name (ComfyUI's or diffusers'): nothing (DiffSynth-Studio,
 # which saves its own DiT's parameters, named as diffusers names them), ai-toolkit's diffusion_model., diffusers'
@@ -281,7 +281,9 @@ class ZImageLoraLoader:
         }}
 
     def load(self, model, lora_name, strength):
-        engine_of(model)
+        if isinstance(engine_of(model), WorkerRunner):
+            raise ValueError("ZImageLoraLoader: LoRAs do not apply to a model across GPUs yet (its weights live in "
+                             "its worker processes). Load the model with ZImageLoader on one GPU to use LoRAs.")
         require_finite("ZImageLoraLoader", strength=strength)
         if strength == 0:
             return {"ui": {"text": []}, "result": (model,)}

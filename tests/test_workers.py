@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import randomize_
-from zimage import Runner, S3DiT, ZImageConfig, flow_sigmas, load_transformer, sample
+from zimage import CheckpointError, Runner, S3DiT, ZImageConfig, flow_sigmas, load_transformer, sample
 from zimage.workers import WorkerError, WorkerRunner
 
 CFG = ZImageConfig.tiny(dim=96, n_heads=6, ffn_hidden=256)  # 6 heads: 2 workers split them
@@ -79,15 +79,23 @@ def test_a_dead_worker_stops_the_model_with_an_error_that_names_it(model_file, o
                                one_process[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_worker_that_cannot_load_says_why(tmp_path):
+def test_a_broken_file_is_refused_before_any_worker_starts(tmp_path):
     broken = tmp_path / "z_image_turbo_bf16.safetensors"
     broken.write_bytes(b"not a safetensors file")
-    with pytest.raises(WorkerError, match=r"worker \d on cpu failed loading the model:(.|\n)*CheckpointError"):
+    with pytest.raises(CheckpointError, match="z_image_turbo_bf16.safetensors"):
         WorkerRunner(str(broken), ["cpu", "cpu"], timeout=60)
+
+
+def test_a_worker_that_cannot_start_says_why(model_file):
+    missing = [f"cuda:{torch.cuda.device_count() + n}" for n in (7, 8)]  # devices this machine does not have
+    with pytest.raises(WorkerError, match=r"worker \d on cuda:\d+ failed loading the model:(.|\n)*"):
+        WorkerRunner(model_file, missing, timeout=60)
 
 
 def test_what_a_model_across_devices_refuses(model_file):
     with pytest.raises(ValueError, match="at least 2"):
         WorkerRunner(model_file, ["cpu"])
+    with pytest.raises(ValueError, match="distinct devices of one kind"):
+        WorkerRunner(model_file, ["cuda:0", "cuda:0"])
     with pytest.raises(ValueError, match="unknown split 'pipeline'"):
         WorkerRunner(model_file, ["cpu", "cpu"], mode="pipeline")

@@ -76,11 +76,12 @@ class BatchShare(_Share):
 
     kind = "batch parallel"
 
-    def samples(self, batch: int) -> slice:
+    def samples(self, batch: int) -> slice | None:
+        """This process's samples of a batch; None where the batch does not split into equal shares (a batch of 1,
+        as ComfyUI's KSampler makes when the positive and negative captions differ in length): then every process
+        computes the whole batch, as one process would, and nothing is gained."""
         if batch % self.count:
-            raise ValueError(f"a batch of {batch} samples does not split into {self.count} equal shares: with "
-                             f"guidance the batch is 2 (positive and negative) per image, so use 2 processes, or a "
-                             f"batch of images that {self.count} divides")
+            return None
         n = batch // self.count
         return slice(self.index * n, (self.index + 1) * n)
 

@@ -91,6 +91,8 @@ class Runner:
             return self._forward(latents, sigma, caption_feats, references, control)
         self.model.check_inputs(latents, sigma, caption_feats, references)
         mine = self.share.samples(len(latents))
+        if mine is None:  # a batch that does not split: computed whole by every process
+            return self._forward(latents, sigma, caption_feats, references, control)
         control = [ControlHints(h.net, h.latent[mine] if len(h.latent) > 1 else h.latent, h.strength)
                    for h in control or ()]
         return self.share.gather(self._forward(latents[mine], sigma[mine], caption_feats[mine],

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import os
 import queue
+import runpy
 import shutil
+import sys
 import tempfile
 import traceback
+import types
+from contextlib import contextmanager
 from datetime import timedelta
 from itertools import count
 
@@ -44,6 +48,13 @@ class WorkerRunner:
             raise ValueError(f"unknown split {mode!r}; choose one of {', '.join(MODES)}")
         if len(devices) < 2:
             raise ValueError(f"a model across devices needs at least 2 of them, got {devices}")
+        kinds = {torch.device(d).type for d in devices}
+        if len(kinds) > 1 or (kinds != {"cpu"} and len(set(devices)) < len(devices)):
+            raise ValueError(f"the devices of a model across devices are distinct devices of one kind (GPUs; CPUs "
+                             f"for tests), got {devices}")
+        from .checkpoint import inspect_checkpoint
+
+        self.cfg = inspect_checkpoint(path).config  # a file the workers cannot read is refused here, before any starts
         self.devices, self.mode, self.timeout = list(devices), mode, timeout
         self.failure: str | None = None
         self.ids = count()
@@ -51,13 +62,17 @@ class WorkerRunner:
         context = mp.get_context("spawn")
         self.results = context.Queue()
         self.requests = [context.Queue() for _ in devices]
+        # each worker runs worker_main.py, which imports the engine afresh (a host's name for it may not import)
         self.processes = [
-            context.Process(target=_work, daemon=True, name=f"zimage-worker-{rank}",
-                            args=(rank, self.devices, os.path.join(self.rendezvous, "group"), path, mode, load or {},
-                                  cuda_graphs, timeout, self.requests[rank], self.results))
+            context.Process(target=runpy.run_path, daemon=True, name=f"zimage-worker-{rank}",
+                            args=(os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_main.py"),),
+                            kwargs={"run_name": "__zimage_worker__", "init_globals": {"work_arguments": (
+                                rank, self.devices, os.path.join(self.rendezvous, "group"), path, mode, load or {},
+                                cuda_graphs, timeout, self.requests[rank], self.results)}})
             for rank in range(len(devices))]
-        for process in self.processes:
-            process.start()
+        with _main_left_alone():
+            for process in self.processes:
+                process.start()
         ready = set()
         while len(ready) < len(devices):
             kind, rank, _ = self._receive(deadline=timeout, doing="loading the model")
@@ -147,6 +162,19 @@ class WorkerRunner:
                 process.kill()
         raise WorkerError(f"Z-Image: {reason}. The model across {len(self.devices)} devices has stopped; load it "
                           f"again")
+
+
+@contextmanager
+def _main_left_alone():
+    """Start processes without their re-running this process's main script: a new process runs the caller's
+    __main__ again before its target (spawn's rule), and a host's main script (ComfyUI's main.py) does far more
+    than define things. With no main module in view while the processes start, they run only their target."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _work(rank: int, devices: list[str], rendezvous: str, path: str, mode: str, load: dict, cuda_graphs: bool,
