@@ -329,13 +329,32 @@ class ZImageAcrossModel(ZImageModel):
     def memory_required(self, input_shape, cond_shapes={}):
         return 0  # this process only hands the latents over
 
+    def state_dict(self, *args, **kwargs):
+        """The network's weight names, each with an empty tensor: LoRA loaders map a file's keys onto these names
+        (ComfyUI's own through comfy.lora.model_lora_keys_unet), so that a LoRA reaches add_patches, which refuses
+        it (AcrossGPUsPatcher), rather than its keys being dropped as not found."""
+        with torch.device("meta"):
+            names = [name for name, _ in S3DiT(self.runner.cfg).named_parameters()]
+        return {f"diffusion_model.{name}": torch.empty(0) for name in names}
+
+
+class AcrossGPUsPatcher(comfy.model_patcher.ModelPatcher):
+    """The ModelPatcher of a model across GPUs: its weights live in the workers, so a weight patch (a LoRA from
+    any loader, ComfyUI's own included) is refused where it is added, instead of ComfyUI dropping its keys as not
+    found with a line in the log. Its clones (each LoRA node makes one) are of this class too."""
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        if patches:
+            raise ValueError("LoRAs (and other weight patches) do not apply to a model across GPUs yet: its weights "
+                             "live in its worker processes. Load the model with ZImageLoader on one GPU to use them.")
+        return []
+
 
 def comfy_model_across(runner, compute_dtype: torch.dtype) -> comfy.model_patcher.ModelPatcher:
     """Hand a model whose forwards run in worker processes (zimage.WorkerRunner) to ComfyUI as a MODEL."""
     model = ZImageAcrossModel(model_config_of(runner.cfg, compute_dtype, None), runner, compute_dtype,
                               device=mm.unet_offload_device())
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
+    patcher = AcrossGPUsPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, release_buffers)
     return patcher
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from comfy_host import load_workflow, shrink
 from test_edit_node import error_of, saved_latent
+from zimage import ZImageConfig
 
 ACROSS = {"class_type": "ZImageLoaderAcrossGPUs",
           "inputs": {"model_name": "z_image_bf16.safetensors", "gpus": "cpu,cpu", "split": "cfg",
@@ -52,7 +53,9 @@ def test_what_a_model_across_gpus_refuses_comes_back_through_the_api(comfy_serve
         assert "this machine has" in error_of(entry)["exception_message"], error_of(entry)
     entry = comfy_server.run(base_graph(across(gpus="first,second")))
     assert "is not a list of GPU numbers" in error_of(entry)["exception_message"]
-    save_file({"diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.zeros(2, 64)},
+    dim = ZImageConfig.tiny().dim  # the test server's transformers' width
+    save_file({"diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.zeros(2, dim),
+               "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.zeros(3 * dim, 2)},
               str(comfy_server.base / "models" / "loras" / "across_gpus_test.safetensors"))
     graph = base_graph(across())
     graph["10"] = {"class_type": "ZImageLoraLoader",
@@ -60,6 +63,10 @@ def test_what_a_model_across_gpus_refuses_comes_back_through_the_api(comfy_serve
     graph["6"]["inputs"]["model"] = ["10", 0]
     entry = comfy_server.run(graph)
     assert "LoRAs do not apply to a model across GPUs" in error_of(entry)["exception_message"]
+    graph["10"] = {"class_type": "LoraLoaderModelOnly",  # ComfyUI's own LoRA loader
+                   "inputs": {"model": ["1", 0], "lora_name": "across_gpus_test.safetensors", "strength_model": 1.0}}
+    entry = comfy_server.run(graph)
+    assert "do not apply to a model across GPUs" in error_of(entry)["exception_message"], error_of(entry)
     # the server keeps serving: the in-process model still samples
     one_process = load_workflow("zimage_base_t2i_cfg.api.json")["1"]
     assert saved_latent(comfy_server, comfy_server.run(base_graph(one_process))).isfinite().all()
