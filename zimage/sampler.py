@@ -172,7 +172,7 @@ def sample(
     check_sigmas(sigmas)
     if mask is not None:
         check_mask(mask, noise, latent)
-    if isinstance(model, S3DiT):
+    if isinstance(model, torch.nn.Module):  # an S3DiT (a host's import of this engine's included)
         model = Runner(model)
     if guidance > 0 and negative is None:
         raise ValueError("guidance > 0 needs negative captions (an empty prompt's are the usual choice)")
