@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-import comfy.model_management as mm
-
 from ..zimage import CheckpointError, WorkerRunner, scaled_mm_supported
 from .comfy_model import comfy_model_across
 from .loader import model_choices, resolve
@@ -69,5 +67,4 @@ class ZImageLoaderAcrossGPUs:
             raise ValueError(f"ZImageLoaderAcrossGPUs: {e}") from None
         summary = (f"Z-Image: {model_name} across {', '.join(devices)} ({split} split, one worker process each, "
                    f"{'FP8' if fp8 else str(compute).removeprefix('torch.')}); sampling and previews run here.")
-        mm.soft_empty_cache()
         return {"ui": {"text": [summary]}, "result": (comfy_model_across(runner, compute),)}

@@ -2,9 +2,9 @@
 cuDNN's FP8 flash-attention kernel through NVIDIA's cuDNN frontend, on Hopper and newer.
 
 The kernel comes from a maintained package rather than from here: `pip install nvidia-cudnn-frontend` (the
-optional dependency; PyTorch already ships the cuDNN library it drives). On an H100 it ran this model's attention
-in about half the time of cuDNN's bf16 kernel, which the bf16 path uses (bench/results/attention-*.md); PyPI's
-Triton SageAttention ran slower than the bf16 kernel there.
+optional dependency; PyTorch already ships the cuDNN library it drives). Chosen because cuDNN's bf16 kernel is the
+fastest bf16 attention measured on an H100 for this model's shape, and PyPI's Triton SageAttention ran slower
+than it there; how much faster cuDNN's FP8 kernel is here is not yet measured (bench/bench_attention.py).
 
 q, k and v are made by fused.qk_norm_e4m3 in the pass that normalizes and rotates q and k, so no separate
 quantization pass runs. The probabilities are quantized by the kernel itself (scale 256: they lie in [0, 1]); the
