@@ -38,7 +38,7 @@ VARIANTS = ("native", "native_fp8", "pack", "pack_fp8")
 # what each node's time is reported as
 STAGES = {"CLIPTextEncode": "text_encode", "ZImageTextEncode": "text_encode", "ConditioningZeroOut": "text_encode",
           "KSampler": "sampling", "ZImageSampler": "sampling", "ModelSamplingAuraFlow": "sampling",
-          "VAEDecode": "decode", "SaveImage": "save", "EmptySD3LatentImage": "latent", "ZImageLatent": "latent"}
+          "VAEDecode": "decode", "ZImageVAEDecode": "decode", "SaveImage": "save", "EmptySD3LatentImage": "latent", "ZImageLatent": "latent"}
 LOADERS = ("UNETLoader", "ZImageLoader", "CLIPLoader", "VAELoader")
 
 

@@ -172,7 +172,7 @@ def no_grad(fn):
 
 
 def main():
-    allocator, device, cfg, nodes = comfy_process.prepare(ARGS)
+    allocator, device, cfg, nodes = comfy_process.prepare(ARGS, kinds=("diffusion_models",))
     if ARGS.diagnose and "native" not in ARGS.variants:
         raise SystemExit("--diagnose times native in other ways: include native in --variants")
 

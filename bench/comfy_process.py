@@ -127,7 +127,7 @@ def install_tiny_shims(tiny_dit) -> None:
 
 NEEDED_NODES = ("UNETLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode", "ConditioningZeroOut", "EmptySD3LatentImage",
                 "ModelSamplingAuraFlow", "KSampler", "VAEDecode", "SaveImage", "ZImageLoader", "ZImageTextEncode",
-                "ZImageLatent", "ZImageSampler")
+                "ZImageLatent", "ZImageSampler", "ZImageVAEDecode")
 
 
 def load_nodes(models: str) -> dict:
@@ -150,7 +150,7 @@ def load_nodes(models: str) -> dict:
     return nodes.NODE_CLASS_MAPPINGS
 
 
-def prepare(args) -> tuple:
+def prepare(args, kinds=("diffusion_models", "text_encoders", "vae")) -> tuple:
     """What a bench does first once ComfyUI is started: the allocator checked, the random model files written into
     args.models (tiny ones, with the tiny shims, under --tiny), the nodes loaded. (allocator, device, config, nodes)."""
     import comfy.model_management as mm
@@ -162,5 +162,5 @@ def prepare(args) -> tuple:
     cfg = TINY_DIT if args.tiny else ZImageConfig()
     if args.tiny:
         install_tiny_shims(cfg)
-    write_model_files(args.models, cfg, device)
+    write_model_files(args.models, cfg, device, kinds)
     return allocator, device, cfg, load_nodes(args.models)

@@ -125,7 +125,8 @@ def vae_shapes() -> dict[str, torch.Size]:
         return shapes_of(torch.nn.ModuleDict({"encoder": Encoder(**FLUX_VAE), "decoder": Decoder(**FLUX_VAE)}))
 
 
-def write_model_files(models: str, dit: ZImageConfig, device) -> dict[str, str]:
+def write_model_files(models: str, dit: ZImageConfig, device, kinds=("diffusion_models", "text_encoders", "vae")
+                      ) -> dict[str, str]:
     """{folder kind: path} of the three files under models/<kind>/, random weights in the released files' names,
     shapes and dtypes (transformer and text encoder bf16, VAE fp32). Each is written once and reused: a file is
     written under a temporary name and renamed when complete, so a run stopped mid-write leaves nothing to
@@ -138,6 +139,8 @@ def write_model_files(models: str, dit: ZImageConfig, device) -> dict[str, str]:
               "vae": (vae_shapes, torch.float32, 2)}
     paths = {}
     for kind, (shapes, dtype, seed) in wanted.items():
+        if kind not in kinds:
+            continue
         folder = os.path.join(models, kind)
         os.makedirs(folder, exist_ok=True)
         path = paths[kind] = os.path.join(folder, MODEL_FILES[kind])

@@ -7,6 +7,7 @@ from .loader import ZImageLoader
 from .lora import ZImageLoraLoader
 from .sampler import ZImageSampler
 from .text_encode import ZImageTextEncode
+from .vae_decode import ZImageVAEDecode
 
 NODE_CLASS_MAPPINGS = {
     "ZImageLoader": ZImageLoader,
@@ -16,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageLatent": ZImageLatent,
     "ZImageSampler": ZImageSampler,
     "ZImageEdit": ZImageEdit,
+    "ZImageVAEDecode": ZImageVAEDecode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,4 +28,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageLatent": "Z-Image/Empty Latent",
     "ZImageSampler": "Z-Image/Sampler",
     "ZImageEdit": "Z-Image/Edit",
+    "ZImageVAEDecode": "Z-Image/VAE Decode",
 }

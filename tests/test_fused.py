@@ -168,13 +168,13 @@ def e4m3_rows_mismatches(device: str) -> dict[str, list[int]]:
     return out
 
 
-def under_the_interpreter(call: str):
-    """test_fused.<call>'s JSON result, computed in a process of its own where Triton's interpreter runs the kernels
+def under_the_interpreter(call: str, module: str = "test_fused"):
+    """<module>.<call>'s JSON result, computed in a process of its own where Triton's interpreter runs the kernels
     on CPU tensors (it is chosen when Triton first builds a kernel)."""
     pytest.importorskip("triton", reason="Triton is not installed with this PyTorch (it comes with Linux builds)")
-    script = ("import json, torch, test_fused; from zimage import kernels; "
+    script = (f"import json, torch, {module}; from zimage import kernels; "
               "assert kernels.INTERPRETED and kernels.triton_runs(torch.zeros(1)); "
-              f"print(json.dumps(test_fused.{call}))")
+              f"print(json.dumps({module}.{call}))")
     here = Path(__file__).parent
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
     result = subprocess.run([sys.executable, "-c", script], cwd=here, env=env, capture_output=True, text=True,

@@ -16,6 +16,7 @@ The whole public API:
     CHAT_TEMPLATE, omni_prompt_chunks    the text the text encoder reads: the chat template, an Omni prompt's chunks
     Reference                            an Omni-Base / Edit reference image
     ControlNet, ControlConfig, ControlHints  the Fun ControlNets: the network, its shape, one forward's hints
+    VAEDecoder, DecoderConfig            the FLUX VAE's decoder, run channels_last with fused GroupNorm + SiLU
     load_controlnet                      a Fun ControlNet file
 For hosts that manage weights themselves (nodes/comfy_model.py):
     Ops, RMSNorm, Fp8Linear, E4M3, E4M3_MAX   the layer classes a network is built from, to subclass and give
@@ -40,6 +41,7 @@ from .prompt import CHAT_TEMPLATE, omni_prompt_chunks
 from .parallel import BatchShare, SequenceShare
 from .runner import Runner
 from .sampler import PRESETS, flow_sigmas, make_noise, sample
+from .vae_decoder import DecoderConfig, VAEDecoder
 from .workers import WorkerError, WorkerRunner
 
 __all__ = ["ZImageConfig", "S3DiT", "Runner", "load_transformer", "inspect_checkpoint", "convert_state_dict",
@@ -47,4 +49,4 @@ __all__ = ["ZImageConfig", "S3DiT", "Runner", "load_transformer", "inspect_check
            "PRESETS", "CHAT_TEMPLATE", "omni_prompt_chunks", "Reference", "Ops", "RMSNorm", "Fp8Linear", "E4M3",
            "E4M3_MAX", "ATTENTION_BACKENDS", "scaled_mm_supported", "ControlNet", "ControlConfig", "ControlHints",
            "engine_key", "load_controlnet", "QuantizedLinear", "SequenceShare", "BatchShare", "WorkerRunner", "WorkerError",
-           "fp8_attention_blocker"]
+           "fp8_attention_blocker", "VAEDecoder", "DecoderConfig"]
