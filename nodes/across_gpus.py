@@ -62,7 +62,7 @@ class ZImageLoaderAcrossGPUs:
         compute = torch.bfloat16 if cuda else torch.float32
         try:
             runner = WorkerRunner(path, devices, mode=SPLITS[split], cuda_graphs=cuda and split == "cfg",
-                                  load={"dtype": compute, "fp8_matmuls": fp8, "fp8_attention": fp8})
+                                  load={"dtype": compute, "fp8_matmuls": fp8})
         except (CheckpointError, ValueError) as e:
             raise ValueError(f"ZImageLoaderAcrossGPUs: {e}") from None
         summary = (f"Z-Image: {model_name} across {', '.join(devices)} ({split} split, one worker process each, "

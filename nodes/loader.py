@@ -10,7 +10,7 @@ import torch
 import comfy.model_management as mm
 import folder_paths
 
-from ..zimage import (ATTENTION_BACKENDS, CheckpointError, fp8_attention_blocker, inspect_checkpoint, load_transformer,
+from ..zimage import (ATTENTION_BACKENDS, CheckpointError, inspect_checkpoint, load_transformer,
                       scaled_mm_supported)
 from ..zimage.gguf_file import describe_types
 from .comfy_model import comfy_model, comfy_ops
@@ -65,19 +65,12 @@ def resolve(model_name: str) -> str:
     return folder_paths.get_full_path_or_raise("diffusion_models", model_name)
 
 
-def fp8_attention_note(device) -> str:
-    blocker = fp8_attention_blocker(device)
-    return (" and attention (cuDNN's FP8 kernel)" if blocker is None else
-            f" (attention in bf16: FP8 attention cannot run here, {blocker})")
-
-
 def what_will_run(runner, device, attention: str, compute, storage, fp8_matmuls: bool, compile: bool) -> str:
     """What this load will run on this machine, for the log and the node: options that do nothing here say so."""
     cuda = device.type == "cuda"
     parts = [f"on {device}, computing in {str(compute).removeprefix('torch.')}"
              + (f", the blocks' matrices stored as {str(storage).removeprefix('torch.')}" if storage else "")
              + (", FP8 matrix multiplies" if fp8_matmuls and cuda else "")
-             + (fp8_attention_note(device) if fp8_matmuls and cuda else "")
              + (" (FP8 matrix multiplies emulated: no CUDA device)" if fp8_matmuls and not cuda else "")]
     if cuda:
         parts.append(f"attention: {attention} ({', '.join(k.name.lower() for k in ATTENTION_BACKENDS[attention])}, "
@@ -114,8 +107,8 @@ class ZImageLoader:
                              "default: bf16 where the device supports it (fp8 files stay fp8 in memory); "
                              "fp8_e4m3fn: the blocks' matrices in fp8, computed in bf16, about half the memory. "
                              "fp8_e4m3fn_fast: fp8 matrix multiplies too (per-row weight scales, activations "
-                             "per token) on Ada/Hopper GPUs: about 1.3x faster than bf16 on an H100; attention in "
-                             "fp8 too on Hopper+ where nvidia-cudnn-frontend is installed. The result moves a little. A quantized GGUF keeps its own quantization: default, bf16 or fp32 "
+                             "per token) on Ada/Hopper GPUs: about 1.3x faster than bf16 on an H100; attention stays "
+                             "bf16. The result moves a little. A quantized GGUF keeps its own quantization: default, bf16 or fp32 "
                              "(the dtype its matrices are dequantized to)."}),
             "attention": (list(ATTENTION_BACKENDS), {"default": "auto", "tooltip":
                           "Attention kernel, chosen once at load. auto prefers cuDNN, then flash, then the others."}),
@@ -168,7 +161,7 @@ class ZImageLoader:
                 compute = torch.bfloat16
         try:
             transformer = load_transformer(path, device=mm.unet_offload_device(), dtype=compute, attention=attention,
-                                           fp8_matmuls=fp8_matmuls, fp8_attention=fp8_matmuls,
+                                           fp8_matmuls=fp8_matmuls,
                                            ops=comfy_ops(storage, compute))
         except CheckpointError as e:
             raise ValueError(f"ZImageLoader: {e}") from None

@@ -152,3 +152,45 @@ def test_the_turbo_workflow_with_the_node_saves_vae_decodes_image(comfy_server):
     difference = np.abs(pixels["VAEDecode"] - pixels["ZImageVAEDecode"])
     assert pixels["VAEDecode"].shape == (256, 256, 3) and pixels["VAEDecode"].std() > 1  # not a blank image
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: no CUDA device on this machine")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", [40, 2048])  # 2048: 65536 tiles of 64 rows, past a grid's second axis
+@pytest.mark.gpu
+@needs_cuda
+def test_group_norm_kernels_on_cuda_match_torch(dtype, side):
+    from zimage.kernels import check_kernels, triton_runs
+
+    check_kernels(torch.device("cuda"), torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(1, 128, side, side, device="cuda", generator=g) * 3 + 1).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(128, device="cuda", generator=g), torch.randn(128, device="cuda", generator=g)
+    assert triton_runs(x)
+    y = group_norm(x, 32, weight.to(dtype), bias.to(dtype), 1e-6, silu=True)
+    expected = F.silu(F.group_norm(x.double(), 32, weight.to(dtype).double(), bias.to(dtype).double(), 1e-6))
+    error = (y.double() - expected).abs().max().item()
+    assert error < (2e-5 if dtype == torch.float32 else 2 ** -7 * expected.abs().max().item()), error
+
+
+@pytest.mark.host
+@pytest.mark.gpu
+@needs_cuda
+def test_decoder_on_cuda_in_bf16_stays_with_comfyuis(comfyui_path):
+    """The fast path (channels_last, Triton GroupNorm + SiLU, cuDNN) against ComfyUI's Decoder, both bf16 on the
+    GPU, and both against float32."""
+    from helpers import rel_err
+
+    native = comfy_decoder().to("cuda")
+    z = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.inference_mode():
+        exact = native(z)  # float32
+        native.to(torch.bfloat16)
+        native_bf16 = native(z.bfloat16()).float()
+        engine = VAEDecoder.lending(dict(native.named_parameters()))(z.bfloat16()).float()
+    native_error, engine_error = rel_err(native_bf16, exact), rel_err(engine, exact)
+    assert engine_error < max(1.5 * native_error, 1e-2), (engine_error, native_error)
+    assert rel_err(engine, native_bf16) < 2e-2

@@ -138,40 +138,55 @@ class _CudnnGraph:
             self.handle = _HANDLES[device]
             self.shape = (batch, seq_len, heads, head_dim)
             self.dtype = dtype
-            graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3,
-                                  intermediate_data_type=cudnn.data_type.FLOAT,
-                                  compute_data_type=cudnn.data_type.FLOAT, handle=self.handle)
-            # [B, H, S, D] as the kernel sees them, laid out [B, S, H, D] as qk_norm_e4m3 writes them
-            dims, strides = [batch, heads, seq_len, head_dim], [seq_len * heads * head_dim, head_dim, heads * head_dim, 1]
-            q, k, v = (graph.tensor(name=n, dim=dims, stride=strides, data_type=cudnn.data_type.FP8_E4M3)
-                       for n in "qkv")
-            scalar = dict(dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.FLOAT)
-            self.descale = [graph.tensor(name=f"descale_{n}", **scalar) for n in "qkv"]
-            s_scale, s_descale, o_scale = (graph.tensor(name=n, **scalar) for n in ("scale_s", "descale_s", "scale_o"))
-            inputs = dict(q=q, k=k, v=v, descale_q=self.descale[0], descale_k=self.descale[1],
-                          descale_v=self.descale[2], descale_s=s_descale, scale_s=s_scale, scale_o=o_scale,
-                          attn_scale=1 / math.sqrt(head_dim), use_causal_mask=False)
-            try:  # the frontend's newer releases name the inference flag by what it leaves out
-                o, _, s_amax, o_amax = graph.sdpa_fp8(**inputs, generate_stats=False)
-            except TypeError:
-                o, _, s_amax, o_amax = graph.sdpa_fp8(**inputs, is_inference=True)
-            o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(
-                cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF)
-            for amax in (s_amax, o_amax):
-                amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
-            graph.validate()
-            graph.build_operation_graph()
-            graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-            graph.check_support()
-            graph.build_plans()
-            self.graph, self.cudnn = graph, cudnn
-            self.tensors = dict(q=q, k=k, v=v, o=o, s_amax=s_amax, o_amax=o_amax, s_scale=s_scale,
-                                s_descale=s_descale, o_scale=o_scale)
-            f32 = dict(dtype=torch.float32, device=device)
-            # constants the graph reads at every call (and a CUDA graph replays with): kept here
-            self.constants = {s_scale: torch.full((1,), P_SCALE, **f32), s_descale: torch.full((1,), 1 / P_SCALE, **f32),
-                              o_scale: torch.ones(1, **f32), s_amax: torch.empty(1, **f32),
-                              o_amax: torch.empty(1, **f32)}
+            # the inference kernel (no softmax statistics) needs cuDNN 9.13, and a frontend that loads after
+            # PyTorch uses PyTorch's cuDNN, which can be older: there the training kernel runs, its statistics
+            # written to a buffer nobody reads
+            try:
+                self._build(batch, seq_len, heads, head_dim, dtype, device, with_stats=False)
+            except Exception as e:  # cuDNN's refusals come as several exception types
+                logging.info(f"Z-Image: cuDNN's FP8 inference attention refused ({type(e).__name__}: "
+                             f"{str(e)[:160]}); using its FP8 attention that also writes softmax statistics.")
+                self._build(batch, seq_len, heads, head_dim, dtype, device, with_stats=True)
+
+    def _build(self, batch, seq_len, heads, head_dim, dtype, device, with_stats: bool) -> None:
+        import cudnn
+
+        self.cudnn = cudnn
+        graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=cudnn.data_type.FLOAT,
+                              compute_data_type=cudnn.data_type.FLOAT, handle=self.handle)
+        # [B, H, S, D] as the kernel sees them, laid out [B, S, H, D] as qk_norm_e4m3 writes them
+        dims, strides = [batch, heads, seq_len, head_dim], [seq_len * heads * head_dim, head_dim, heads * head_dim, 1]
+        q, k, v = (graph.tensor(name=n, dim=dims, stride=strides, data_type=cudnn.data_type.FP8_E4M3) for n in "qkv")
+        scalar = dict(dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.FLOAT)
+        self.descale = [graph.tensor(name=f"descale_{n}", **scalar) for n in "qkv"]
+        s_scale, s_descale, o_scale = (graph.tensor(name=n, **scalar) for n in ("scale_s", "descale_s", "scale_o"))
+        inputs = dict(q=q, k=k, v=v, descale_q=self.descale[0], descale_k=self.descale[1], descale_v=self.descale[2],
+                      descale_s=s_descale, scale_s=s_scale, scale_o=o_scale, attn_scale=1 / math.sqrt(head_dim),
+                      use_causal_mask=False)
+        try:  # the frontend's newer releases name the inference flag by what it leaves out
+            o, stats, s_amax, o_amax = graph.sdpa_fp8(**inputs, generate_stats=with_stats)
+        except TypeError:
+            o, stats, s_amax, o_amax = graph.sdpa_fp8(**inputs, is_inference=not with_stats)
+        o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(
+            cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF)
+        for amax in (s_amax, o_amax):
+            amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
+        f32 = dict(dtype=torch.float32, device=device)
+        # constants the graph reads at every call (and a CUDA graph replays with): kept here
+        self.constants = {s_scale: torch.full((1,), P_SCALE, **f32), s_descale: torch.full((1,), 1 / P_SCALE, **f32),
+                          o_scale: torch.ones(1, **f32), s_amax: torch.empty(1, **f32), o_amax: torch.empty(1, **f32)}
+        if with_stats:
+            stats.set_output(True).set_dim([batch, heads, seq_len, 1]).set_stride(
+                [heads * seq_len, seq_len, 1, 1]).set_data_type(cudnn.data_type.FLOAT)
+            self.constants[stats] = torch.empty(batch, heads, seq_len, 1, **f32)
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+        self.graph = graph
+        self.tensors = dict(q=q, k=k, v=v, o=o)
+        with torch.cuda.device(device):
             self.workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=device)
 
     def __call__(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

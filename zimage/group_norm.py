@@ -42,7 +42,7 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
     tiles = triton.cdiv(rows, tile_rows)
     means = torch.empty(n, tiles, groups, device=x.device, dtype=torch.float32)
     squares = torch.empty_like(means)  # each tile's sum of squared deviations from its own mean
-    _tile_stats_kernel[(n, tiles)](x, means, squares, rows, C=c, GROUPS=groups, TILE_ROWS=tile_rows, num_warps=8)
+    _tile_stats_kernel[(tiles, n)](x, means, squares, rows, C=c, GROUPS=groups, TILE_ROWS=tile_rows, num_warps=8)
     # Chan's formula: the groups' mean and variance from their tiles' (the last tile may hold fewer rows)
     # (in float64: these are a few thousand numbers, and the sum of means ~ the mean times the tiles)
     counts = torch.full((tiles,), float(tile_rows * (c // groups)), device=x.device, dtype=torch.float64)
@@ -53,7 +53,7 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
     variance = (squares.double().sum(1) + torch.einsum("t,ntg->ng", counts, deviations * deviations)) / total
     mean, rstd = mean.float(), torch.rsqrt(variance + eps).float()
     out = torch.empty_like(x)  # channels_last, as x
-    _normalize_kernel[(n, tiles)](x, out, mean, rstd, weight, bias, rows, C=c, GROUPS=groups, TILE_ROWS=tile_rows,
+    _normalize_kernel[(tiles, n)](x, out, mean, rstd, weight, bias, rows, C=c, GROUPS=groups, TILE_ROWS=tile_rows,
                                   SILU=silu, num_warps=8)
     return out
 
@@ -71,7 +71,7 @@ if triton is not None:
     @triton.jit
     def _tile_stats_kernel(x_ptr, means_ptr, squares_ptr, rows, C: tl.constexpr, GROUPS: tl.constexpr,
                            TILE_ROWS: tl.constexpr):
-        sample, tile = tl.program_id(0), tl.program_id(1)
+        tile, sample = tl.program_id(0), tl.program_id(1)  # tiles first: a grid's later axes stop at 65535
         row = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
         valid = row < rows
         offsets = sample.to(tl.int64) * rows * C + row[:, None].to(tl.int64) * C + tl.arange(0, C)[None, :]
@@ -88,14 +88,14 @@ if triton is not None:
         offset = tl.sum(tl.sum(shifted, axis=2), axis=0) / count
         deviation = tl.where(inside, shifted - offset[None, :, None], 0.0)
         squares = tl.sum(tl.sum(deviation * deviation, axis=2), axis=0)
-        out = (sample * tl.num_programs(1) + tile) * GROUPS + tl.arange(0, GROUPS)
+        out = (sample * tl.num_programs(0) + tile) * GROUPS + tl.arange(0, GROUPS)
         tl.store(means_ptr + out, reference + offset)
         tl.store(squares_ptr + out, squares)
 
     @triton.jit
     def _normalize_kernel(x_ptr, out_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, rows, C: tl.constexpr,
                           GROUPS: tl.constexpr, TILE_ROWS: tl.constexpr, SILU: tl.constexpr):
-        sample, tile = tl.program_id(0), tl.program_id(1)
+        tile, sample = tl.program_id(0), tl.program_id(1)  # tiles first: a grid's later axes stop at 65535
         row = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
         valid = row < rows
         channel = tl.arange(0, C)
