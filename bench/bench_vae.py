@@ -30,7 +30,7 @@ comfy_process.start_from(ARGS)
 
 import torch  # noqa: E402
 
-from common import MODEL_FILES, provenance, provenance_line, time_interleaved, write_json  # noqa: E402
+from common import MODEL_FILES, peak_above, provenance, provenance_line, time_interleaved, write_json  # noqa: E402
 
 
 def kernel_breakdown(fn, top: int = 12) -> list[tuple[str, float]]:
@@ -61,14 +61,18 @@ def main():
             (expected,), (image,) = runs["native VAEDecode"](), runs["pack ZImageVAEDecode"]()
             times = time_interleaved(runs, ARGS.warmup, ARGS.iters)
             breakdown = {name: kernel_breakdown(fn) for name, fn in runs.items()} if ARGS.profile else {}
+            resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+            peaks = {name: peak_above(fn, resident) for name, fn in runs.items()}
         difference = (image - expected).abs()
         result["sizes"][size] = {
             "ms": {name: {"median": t[0], "spread": t[1]} for name, t in times.items()},
-            "ratio": times["pack ZImageVAEDecode"][0] / times["native VAEDecode"][0],
+            "ratio": times["pack ZImageVAEDecode"][0] / times["native VAEDecode"][0], "peak_gib": peaks,
             "max_abs_difference": difference.max().item(), "mean_abs_difference": difference.mean().item(),
             "pixels_off_by_a_level": (difference > 0.5 / 255).float().mean().item(), "kernels": breakdown}
         print(f"{size}: " + ", ".join(f"{n} {t[0]:.2f} ms (spread {t[1]:.2f})" for n, t in times.items())
-              + f"; ratio {result['sizes'][size]['ratio']:.2f}; |pack - native| max {difference.max().item():.4f} "
+              + f"; ratio {result['sizes'][size]['ratio']:.2f}; peak GiB above resident "
+              + ", ".join(f"{n} {p:.2f}" for n, p in peaks.items())
+              + f"; |pack - native| max {difference.max().item():.4f} "
               f"mean {difference.mean().item():.5f}", flush=True)
         for name, rows in breakdown.items():
             print(f"  {name}: " + "; ".join(f"{k} {v:.2f}" for k, v in rows), flush=True)
@@ -78,13 +82,14 @@ def main():
              provenance_line(result), "",
              f"ComfyUI {result['comfyui']}, allocator {allocator}, VAE dtype {result['vae_dtype']}, batch 1, "
              f"random full-size weights; ms, median (spread) of {ARGS.iters} calls in turns.", "",
-             "| size | VAE Decode | Z-Image/VAE Decode | ratio | max abs difference | mean abs difference |",
-             "|---|---|---|---|---|---|"]
+             "| size | VAE Decode | Z-Image/VAE Decode | ratio | peak GiB (VAE Decode, Z-Image) | max abs difference | mean abs difference |",
+             "|---|---|---|---|---|---|---|"]
     for size, r in result["sizes"].items():
         ms = r["ms"]
         lines.append(f"| {size} | {ms['native VAEDecode']['median']:.2f} ({ms['native VAEDecode']['spread']:.2f}) | "
                      f"{ms['pack ZImageVAEDecode']['median']:.2f} ({ms['pack ZImageVAEDecode']['spread']:.2f}) | "
-                     f"{r['ratio']:.2f} | {r['max_abs_difference']:.4f} | {r['mean_abs_difference']:.5f} |")
+                     f"{r['ratio']:.2f} | {r['peak_gib']['native VAEDecode']:.2f}, {r['peak_gib']['pack ZImageVAEDecode']:.2f} | "
+                     f"{r['max_abs_difference']:.4f} | {r['mean_abs_difference']:.5f} |")
     with open(path.replace(".json", ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {path}")
