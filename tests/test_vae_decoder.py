@@ -22,8 +22,11 @@ def group_norm_errors(device: str) -> dict[str, float]:
     partial last tile, every width of the decoder, and a group whose mean is large against its spread."""
     g = torch.Generator().manual_seed(0)
     errors = {}
-    for name, (n, c, h, w, offset) in {"64ch partial tile": (2, 64, 9, 7, 0.0), "128ch": (1, 128, 16, 16, 0.0),
-                                       "512ch": (1, 512, 5, 6, 0.0), "mean 300 spread 1": (1, 128, 12, 12, 300.0)}.items():
+    cases = {"64ch one partial tile": (2, 64, 9, 7, 0.0), "64ch 24 tiles, the last partial": (2, 64, 50, 61, 0.0),
+             "128ch": (1, 128, 16, 16, 0.0), "512ch": (1, 512, 5, 6, 0.0),
+             "512ch 1032 tiles (the combination's loop twice)": (1, 512, 129, 128, 0.0),
+             "mean 300 spread 1": (1, 128, 12, 12, 300.0)}
+    for name, (n, c, h, w, offset) in cases.items():
         x = (torch.randn(n, c, h, w, generator=g) + offset).to(device, torch.float32)
         weight, bias = torch.randn(c, generator=g).to(device), torch.randn(c, generator=g).to(device)
         for silu in (False, True):
@@ -39,16 +42,16 @@ def test_group_norm_on_the_pytorch_path_is_torchs():
     """(torch's CPU group_norm itself loses ~0.15 where the mean is 300 times the spread: that case is the
     kernels' test below)"""
     errors = {k: v for k, v in group_norm_errors("cpu").items() if not k.startswith("mean")}
-    assert len(errors) == 6 and max(errors.values()) < 1e-5, errors
+    assert len(errors) == 10 and max(errors.values()) < 1e-5, errors
 
 
 def test_group_norm_kernels_under_the_interpreter_match_torch():
-    """Both kernels and the tiles' combination (Chan's formula) within float32 rounding; where the mean is 300
-    times the spread, within a few of the input's own float32 steps (3e-5 at 300), where torch's CPU group_norm
-    loses 0.15."""
+    """The three kernels (statistics per tile, their combination by Chan's formula, normalization) within float32
+    rounding; where the mean is 300 times the spread, within a few of the input's own float32 steps (3e-5 at 300),
+    where torch's CPU group_norm loses 0.15."""
     errors = under_the_interpreter("group_norm_errors('cpu')", module="test_vae_decoder")
     assert errors.keys() == group_norm_errors("cpu").keys()
-    assert max(v for k, v in errors.items() if not k.startswith("mean")) < 2e-6, errors
+    assert max(v for k, v in errors.items() if not k.startswith("mean")) < 5e-6, errors  # a few float32 steps at ~4
     assert max(v for k, v in errors.items() if k.startswith("mean")) < 1e-4, errors
 
 

@@ -4,9 +4,9 @@ The VAE decoder normalizes every activation before each convolution (groups of c
 whole image). In channels_last memory, where cuDNN's convolutions run fastest, one spatial position is one
 contiguous row of channels, so both passes read whole rows: the first reduces each tile of rows to per-group
 mean and squared deviations (float32), the second normalizes, scales and shifts each channel and applies SiLU
-while the value is in registers, writing the activation dtype once. The tiles' statistics are combined exactly
-(Chan's parallel formula), not as a sum of squares minus a squared sum, which cancels badly where a group's
-mean is large against its spread.
+while the value is in registers, writing the activation dtype once. Between them one small kernel combines the
+tiles' statistics exactly (Chan's parallel formula), not as a sum of squares minus a squared sum, which cancels
+badly where a group's mean is large against its spread.
 
 Tensors the kernels do not take (not channels_last on CUDA, channel counts that are not powers of two) run
 PyTorch's group_norm and silu, as does every device without Triton.
@@ -43,15 +43,10 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
     means = torch.empty(n, tiles, groups, device=x.device, dtype=torch.float32)
     squares = torch.empty_like(means)  # each tile's sum of squared deviations from its own mean
     _tile_stats_kernel[(tiles, n)](x, means, squares, rows, C=c, GROUPS=groups, TILE_ROWS=tile_rows, num_warps=8)
-    # Chan's formula: the groups' mean and variance from their tiles' (the last tile may hold fewer rows)
-    # (in float64: these are a few thousand numbers, and the sum of means ~ the mean times the tiles)
-    counts = torch.full((tiles,), float(tile_rows * (c // groups)), device=x.device, dtype=torch.float64)
-    counts[-1] = (rows - (tiles - 1) * tile_rows) * (c // groups)
-    total = float(rows * (c // groups))
-    mean = torch.einsum("t,ntg->ng", counts, means.double()) / total
-    deviations = means - mean[:, None]
-    variance = (squares.double().sum(1) + torch.einsum("t,ntg->ng", counts, deviations * deviations)) / total
-    mean, rstd = mean.float(), torch.rsqrt(variance + eps).float()
+    mean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _combine_kernel[(groups, n)](means, squares, mean, rstd, rows, tiles, eps, GROUPS=groups, GROUP_SIZE=c // groups,
+                                 TILE_ROWS=tile_rows, BLOCK=min(1024, triton.next_power_of_2(tiles)))
     out = torch.empty_like(x)  # channels_last, as x
     _normalize_kernel[(tiles, n)](x, out, mean, rstd, weight, bias, rows, C=c, GROUPS=groups, TILE_ROWS=tile_rows,
                                   SILU=silu, num_warps=8)
@@ -91,6 +86,37 @@ if triton is not None:
         out = (sample * tl.num_programs(0) + tile) * GROUPS + tl.arange(0, GROUPS)
         tl.store(means_ptr + out, reference + offset)
         tl.store(squares_ptr + out, squares)
+
+    @triton.jit
+    def _combine_kernel(means_ptr, squares_ptr, mean_ptr, rstd_ptr, rows, tiles, eps, GROUPS: tl.constexpr,
+                        GROUP_SIZE: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # Chan's formula: a group's mean and variance from its tiles' means and squared deviations, the means
+        # summed relative to the first tile's (float32 would otherwise lose a mean large against the spread)
+        group, sample = tl.program_id(0), tl.program_id(1)
+        base = sample.to(tl.int64) * tiles * GROUPS + group
+        first = tl.load(means_ptr + base)
+        last_count = ((rows - (tiles - 1) * TILE_ROWS) * GROUP_SIZE).to(tl.float32)
+        total = (rows * GROUP_SIZE).to(tl.float32)
+        shifted = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, tiles, BLOCK):
+            tile = start + tl.arange(0, BLOCK)
+            inside = tile < tiles
+            count = tl.where(tile == tiles - 1, last_count, TILE_ROWS * GROUP_SIZE)
+            m = tl.load(means_ptr + base + tile.to(tl.int64) * GROUPS, mask=inside, other=0.0)
+            shifted += tl.where(inside, count * (m - first), 0.0)
+        mean = first + tl.sum(shifted, axis=0) / total
+        squares = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, tiles, BLOCK):
+            tile = start + tl.arange(0, BLOCK)
+            inside = tile < tiles
+            count = tl.where(tile == tiles - 1, last_count, TILE_ROWS * GROUP_SIZE)
+            offset = base + tile.to(tl.int64) * GROUPS
+            m = tl.load(means_ptr + offset, mask=inside, other=0.0)
+            s = tl.load(squares_ptr + offset, mask=inside, other=0.0)
+            squares += tl.where(inside, s + count * (m - mean) * (m - mean), 0.0)
+        out = sample * GROUPS + group
+        tl.store(mean_ptr + out, mean)
+        tl.store(rstd_ptr + out, 1.0 / tl.sqrt(tl.sum(squares, axis=0) / total + eps))
 
     @triton.jit
     def _normalize_kernel(x_ptr, out_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, rows, C: tl.constexpr,
