@@ -138,9 +138,9 @@ class _CudnnGraph:
             self.handle = _HANDLES[device]
             self.shape = (batch, seq_len, heads, head_dim)
             self.dtype = dtype
-            # the inference kernel (no softmax statistics) needs cuDNN 9.13, and a frontend that loads after
-            # PyTorch uses PyTorch's cuDNN, which can be older: there the training kernel runs, its statistics
-            # written to a buffer nobody reads
+            # cuDNN refused its inference kernel (no softmax statistics) in some processes with "only supported
+            # on cuDNN 9.13.0 and newer", on a machine whose PyTorch reports cuDNN 9.19 (cause not found): there
+            # the kernel that also writes the statistics runs, into a buffer nobody reads
             try:
                 self._build(batch, seq_len, heads, head_dim, dtype, device, with_stats=False)
             except Exception as e:  # cuDNN's refusals come as several exception types
