@@ -3,7 +3,7 @@
 The user's VAELoader output goes in as it is: ComfyUI loads and places the weights (its memory management, its
 dtype choice), and the engine's decoder borrows the very Parameters of the loaded decoder, so nothing is held
 twice. What the engine does not run (another VAE, a decoder left partly off the GPU, a batch that runs out of
-memory) ComfyUI's own decode runs, which tiles where memory is short; the node says so in the log, once per VAE.
+memory) ComfyUI's own decode runs, which tiles where memory is short; the node says so in the log, once per VAE and reason.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ..zimage import VAEDecoder
 
 # ComfyUI's loaded autoencoder -> the engine's decoder on its Parameters, or why it has none
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, VAEDecoder | str]" = weakref.WeakKeyDictionary()
-_TOLD: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+# each VAE's reasons already logged: once per reason, so that a second, different one is still said
+_TOLD: "weakref.WeakKeyDictionary[torch.nn.Module, set[str]]" = weakref.WeakKeyDictionary()
 
 
 def engine_decoder(vae) -> VAEDecoder | str:
@@ -42,8 +43,9 @@ def _build(model: torch.nn.Module) -> VAEDecoder | str:
 
 
 def _decode_natively(vae, latent: torch.Tensor, why: str) -> torch.Tensor:
-    if vae.first_stage_model not in _TOLD:
-        _TOLD.add(vae.first_stage_model)
+    told = _TOLD.setdefault(vae.first_stage_model, set())
+    if why not in told:
+        told.add(why)
         logging.info(f"Z-Image VAE Decode: ComfyUI's own decoder runs this VAE, since {why}.")
     return vae.decode(latent)
 
